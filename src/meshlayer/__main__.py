@@ -1,0 +1,3 @@
+from meshlayer.cli.main import main
+
+raise SystemExit(main())
