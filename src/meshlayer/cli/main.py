@@ -120,7 +120,8 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from meshlayer.demo.run import run_demo_cli
 
-    return run_demo_cli(args)
+    code: int = run_demo_cli(args)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,7 +92,9 @@ class _Reader:
             raise self.error(key, f"must be an integer >= {minimum}, got {value!r}")
         return value
 
-    def number(self, key: str, default: float, minimum: float = 0.0, maximum: float = 1e12) -> float:
+    def number(
+        self, key: str, default: float, minimum: float = 0.0, maximum: float = 1e12
+    ) -> float:
         value = self.get(key, default)
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise self.error(key, f"must be a number, got {value!r}")
@@ -129,9 +131,8 @@ class _Reader:
 
 
 def _typename(value: object) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string"}.get(
-        type(value), type(value).__name__
-    )
+    names: dict[type, str] = {dict: "a mapping", list: "a list", str: "a string"}
+    return names.get(type(value), type(value).__name__)
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -226,7 +227,9 @@ def parse_documents(docs: Iterable[object], source: str) -> list[Service]:
         meta = r.child("metadata", required=True)
         name = meta.string("name", required=True)
         if not _NAME_RE.match(name) or len(name) > 253:
-            raise meta.error("name", f"must be a DNS name (lowercase, digits, '-', '.'), got {name!r}")
+            raise meta.error(
+                "name", f"must be a DNS name (lowercase, digits, '-', '.'), got {name!r}"
+            )
         meta.get("labels")
         meta.get("namespace")
         meta.finish()

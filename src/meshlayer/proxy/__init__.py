@@ -1,0 +1,1 @@
+"""The data plane: listeners, codec, router, balancer, pool and filters."""

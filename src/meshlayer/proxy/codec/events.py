@@ -1,0 +1,156 @@
+"""The events the parsers produce.
+
+Plain slotted classes rather than frozen dataclasses: they are made on the hot
+path, and nothing mutates them after the parser hands them out.
+"""
+
+from __future__ import annotations
+
+Headers = list[tuple[bytes, bytes]]
+
+# How a message's body is delimited.
+NO_BODY = 0  # no body at all
+LENGTH = 1  # Content-Length
+CHUNKED = 2  # Transfer-Encoding ending in chunked
+UNTIL_CLOSE = 3  # responses only: read until the connection closes
+
+
+class RequestHead:
+    """A request line and header section, validated."""
+
+    __slots__ = (
+        "content_length",
+        "expect_continue",
+        "framing",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "target",
+        "transfer_encoding",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        headers: Headers,
+        keep_alive: bool,
+        framing: int,
+        content_length: int,
+        transfer_encoding: bytes,
+        host: bytes | None,
+        upgrade: bytes | None,
+        expect_continue: bool,
+    ) -> None:
+        self.method = method
+        """Request method, e.g. ``b"GET"``."""
+        self.target = target
+        """Request target as sent: origin-form, absolute-form or ``*``."""
+        self.version = version
+        """``b"1.1"`` or ``b"1.0"``."""
+        self.headers = headers
+        """Header fields in order, names as sent."""
+        self.keep_alive = keep_alive
+        """The client allows the connection to be reused after this exchange."""
+        self.framing = framing
+        """NO_BODY, LENGTH or CHUNKED."""
+        self.content_length = content_length
+        """Body length when framing is LENGTH, else 0."""
+        self.transfer_encoding = transfer_encoding
+        """The Transfer-Encoding value (ends in chunked) when framing is CHUNKED."""
+        self.host = host
+        """The Host header value, if any."""
+        self.upgrade = upgrade
+        """The Upgrade header value when the client asks to switch protocols."""
+        self.expect_continue = expect_continue
+        """The client sent ``Expect: 100-continue``."""
+
+    def __repr__(self) -> str:
+        return f"RequestHead({self.method!r}, {self.target!r}, framing={self.framing})"
+
+
+class ResponseHead:
+    """A status line and header section, validated."""
+
+    __slots__ = (
+        "content_length",
+        "framing",
+        "headers",
+        "keep_alive",
+        "reason",
+        "status",
+        "transfer_encoding",
+        "version",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        version: bytes,
+        headers: Headers,
+        keep_alive: bool,
+        framing: int,
+        content_length: int,
+        transfer_encoding: bytes,
+    ) -> None:
+        self.status = status
+        """Status code."""
+        self.reason = reason
+        """Reason phrase as sent."""
+        self.version = version
+        """``b"1.1"`` or ``b"1.0"``."""
+        self.headers = headers
+        """Header fields in order."""
+        self.keep_alive = keep_alive
+        """The server allows the connection to be reused."""
+        self.framing = framing
+        """NO_BODY, LENGTH, CHUNKED or UNTIL_CLOSE."""
+        self.content_length = content_length
+        """Body length when framing is LENGTH; with NO_BODY, the Content-Length sent
+        (on HEAD or 304) or -1 when none was."""
+        self.transfer_encoding = transfer_encoding
+        """The Transfer-Encoding value when framing is CHUNKED."""
+
+    def __repr__(self) -> str:
+        return f"ResponseHead({self.status}, framing={self.framing})"
+
+
+class Body:
+    """A piece of a message body (de-chunked)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"Body({len(self.data)} bytes)"
+
+
+class EndOfMessage:
+    """The message is complete; ``trailers`` holds a chunked body's trailer fields."""
+
+    __slots__ = ("trailers",)
+
+    def __init__(self, trailers: Headers | None = None) -> None:
+        self.trailers = trailers
+
+    def __repr__(self) -> str:
+        return f"EndOfMessage(trailers={self.trailers!r})"
+
+
+class TunnelData:
+    """Bytes after an upgrade or CONNECT: no longer HTTP."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+Event = RequestHead | ResponseHead | Body | EndOfMessage | TunnelData

@@ -1,0 +1,606 @@
+"""One request/response exchange through a listener: the request path.
+
+Theory of operation: the listener's connection parses a request head and
+makes an ``Exchange``; ``start`` runs the stages in one straight line —
+route, circuit breaker, balance, pool checkout — and sends the head on an
+upstream connection (opening one in a task when none is idle). From then on
+everything is driven by callbacks, with no task per request: request body
+pieces from the client go straight to the upstream transport, response events
+from the upstream parser go straight to the client transport, and each side's
+write buffer pauses the other side's reading. A request that fails before any
+response byte reached the client may be retried (connect failures always;
+the configured statuses and resets of reused connections only for idempotent
+methods with a replayable body) within the service's retry budget; otherwise
+the mesh answers with its own error (``x-meshlayer-error``).
+
+Timeouts are deadlines on the client connection that one sweeper checks: the
+response head must arrive within the service's request timeout (504), and a
+streaming exchange must not sit idle longer than its idle timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from random import getrandbits
+from typing import TYPE_CHECKING
+
+from meshlayer.proxy.codec import ProtocolError, RequestHead, ResponseHead
+from meshlayer.proxy.codec.events import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, Headers
+from meshlayer.proxy.codec.serialize import (
+    HOP_BY_HOP,
+    build_head,
+    chunk,
+    connection_tokens,
+    last_chunk,
+)
+from meshlayer.proxy.errors import MeshError, render
+from meshlayer.proxy.pool import CONNECT, IDLE, OVERFLOW
+from meshlayer.proxy.runtime import ServiceRuntime, split_target
+from meshlayer.proxy.upstream import UpstreamConnection
+
+REQUEST, STREAM = 3, 4  # deadline kinds of the client connection (see server.py)
+
+if TYPE_CHECKING:
+    from meshlayer.proxy.balancer import EndpointState
+    from meshlayer.proxy.server import DownstreamConnection
+
+log = logging.getLogger("meshlayer.proxy")
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+REPLAY_LIMIT = 64 * 1024  # request bodies up to this size are kept for retries
+BUFFER_LIMIT = 64 * 1024  # request body buffered before an upstream connection exists
+
+SOURCE_HEADER = b"x-meshlayer-source"
+_DROP_FROM_CLIENT = frozenset({b"x-forwarded-for", SOURCE_HEADER})
+
+# response phases
+WAITING = 0  # no final response head yet
+STREAMING = 1  # final head written to the client
+DONE = 2
+
+
+class Exchange:
+    """One request and its response."""
+
+    __slots__ = (
+        "attempts",
+        "authority",
+        "body",
+        "body_size",
+        "chunked_out",
+        "close_after",
+        "conn",
+        "down",
+        "endpoint",
+        "error",
+        "head",
+        "out_head",
+        "path",
+        "phase",
+        "replayable",
+        "req_done",
+        "request_id",
+        "service",
+        "source",
+        "started",
+        "status",
+        "t0",
+        "t_attempt",
+        "trailers",
+        "tried",
+        "tunnel",
+        "tunnel_buf",
+    )
+
+    def __init__(self, down: DownstreamConnection, head: RequestHead) -> None:
+        self.down = down
+        self.head = head
+        self.started = False
+        self.req_done = False
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.replayable = True
+        self.trailers: Headers | None = None
+        self.conn: UpstreamConnection | None = None
+        self.service: ServiceRuntime | None = None
+        self.endpoint: EndpointState | None = None
+        self.phase = WAITING
+        self.status = 0
+        self.attempts = 0
+        self.tried: list[EndpointState] = []
+        self.chunked_out = False
+        self.close_after = not head.keep_alive
+        self.error: ProtocolError | None = None
+        self.tunnel = False
+        self.tunnel_buf: list[bytes] = []
+        self.out_head = b""
+        self.request_id = b""
+        self.source = ""
+        self.authority: bytes | None = None
+        self.path = b""
+        self.t0 = 0.0
+        self.t_attempt = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Exchange {self.head.method.decode()} {self.head.target[:60]!r} phase={self.phase} "
+            f"attempts={self.attempts} conn={self.conn!r}>"
+        )
+
+    # -- the request path ----------------------------------------------------
+
+    def start(self) -> None:
+        """Route, admit, balance and send. Called when the exchange reaches the front."""
+        self.started = True
+        down = self.down
+        self.t0 = time.monotonic()
+        if self.error is not None:  # the request was refused before its turn came
+            self._fail(MeshError(self.error.status, "bad-request", self.error.reason))
+            return
+        try:
+            self.authority, self.path = split_target(self.head.target)
+            svc = down.listener.route(self)
+        except MeshError as err:
+            self._fail(err)
+            return
+        limits = svc.service.circuit_breaker
+        if svc.in_flight >= limits.max_requests:
+            self._fail(MeshError(503, "overflow", f"{svc.name}: max requests in flight reached"))
+            return
+        self.service = svc
+        svc.in_flight += 1
+        svc.budget.deposit()
+        self.out_head = self._build_request_head()
+        timeouts = svc.service.timeouts
+        if self.req_done:
+            down.set_deadline(REQUEST, timeouts.request)
+        else:  # the request timeout starts when the whole request has arrived
+            down.set_deadline(STREAM, timeouts.idle)
+        self._attempt()
+
+    def _attempt(self) -> None:
+        svc = self.service
+        assert svc is not None
+        ep = svc.balancer.pick(self.tried)
+        if ep is None:
+            self._fail(MeshError(503, "no-endpoints", f"{svc.name} has no endpoints"))
+            return
+        self.endpoint = ep
+        self.attempts += 1
+        self.tried.append(ep)
+        ep.in_flight += 1
+        self.t_attempt = time.monotonic()
+        plan, conn = svc.pool.checkout(ep)
+        if plan == IDLE:
+            assert conn is not None
+            self._send(conn)
+        elif plan == CONNECT:
+            asyncio.get_running_loop().create_task(self._connect(ep))
+        elif plan == OVERFLOW:
+            ep.in_flight -= 1
+            self.endpoint = None
+            self._fail(MeshError(503, "overflow", f"{svc.name}: connection and pending limits"))
+        else:
+            svc.pool.pending.append(self._on_pool_slot)
+
+    def _on_pool_slot(self, conn: UpstreamConnection | None) -> None:
+        """Woken from the pending queue with a connection or a slot to open one."""
+        if self.phase != WAITING or self.conn is not None:
+            if conn is not None:  # we gave up meanwhile: pass it on
+                assert self.service is not None
+                self.service.pool.release(conn)
+            else:
+                assert self.service is not None
+                self.service.pool._slot_freed()
+            return
+        if conn is not None:
+            ep = self.endpoint
+            assert ep is not None
+            if conn.endpoint is not ep:
+                ep.in_flight -= 1
+                self.endpoint = conn.endpoint
+                conn.endpoint.in_flight += 1
+            self._send(conn)
+        else:
+            assert self.endpoint is not None
+            asyncio.get_running_loop().create_task(self._connect(self.endpoint))
+
+    async def _connect(self, ep: EndpointState) -> None:
+        svc = self.service
+        assert svc is not None
+        try:
+            conn = await svc.pool.open(ep, svc.service.timeouts.connect, UpstreamConnection)
+        except (OSError, TimeoutError) as exc:
+            if self.phase != WAITING or self.conn is not None:
+                return
+            reason = "connect-timeout" if isinstance(exc, TimeoutError) else "connect-failure"
+            self._attempt_failed(
+                MeshError(
+                    503, reason, f"{svc.name}: cannot connect to {ep.endpoint.address}: {exc}"
+                ),
+                safe=True,
+            )
+            return
+        if self.phase != WAITING or self.down.closed:
+            svc.pool.release(conn)
+            return
+        self._send(conn)
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        conn.attach(self, self.head.method)
+        if conn.endpoint.endpoint.meshed and self.down.listener.source_line:
+            conn.write(self.out_head[:-2] + self.down.listener.source_line + b"\r\n\r\n")
+        else:
+            conn.write(self.out_head)
+        body = self.body
+        if body:
+            chunked = self.head.framing == CHUNKED
+            for piece in body:
+                conn.write(chunk(piece) if chunked else piece)
+            if not self.replayable:
+                self.body = []
+        if self.req_done:
+            self._write_request_end(conn)
+        if self.down.paused & 4:
+            self.down.resume(4)
+
+    def _write_request_end(self, conn: UpstreamConnection) -> None:
+        if self.head.framing == CHUNKED:
+            conn.write(last_chunk(self.trailers))
+
+    def _build_request_head(self) -> bytes:
+        head = self.head
+        down = self.down
+        listener = down.listener
+        named = connection_tokens(head.headers)
+        lines: list[bytes] = []
+        xff = b""
+        xfp = False
+        rid = b""
+        source = b""
+        authority = self.authority
+        if authority is not None:
+            lines.append(b"host: " + authority)
+        for name, value in head.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP or lname in named or lname.startswith(b"proxy-"):
+                continue
+            if lname in _DROP_FROM_CLIENT:
+                if lname == b"x-forwarded-for":
+                    xff = value if not xff else xff + b", " + value
+                else:
+                    source = value
+                continue
+            if lname == b"host" and authority is not None:
+                continue
+            if lname == b"x-request-id":
+                rid = value
+            elif lname == b"x-forwarded-proto":
+                xfp = True
+            lines.append(name + b": " + value)
+        self.source = listener.source_label(source)
+        peer = down.peer_ip
+        lines.append(b"x-forwarded-for: " + (xff + b", " + peer if xff else peer))
+        if not xfp:
+            lines.append(b"x-forwarded-proto: http")
+        if not rid:
+            rid = b"%032x" % getrandbits(128)
+            lines.append(b"x-request-id: " + rid)
+        self.request_id = rid
+        if head.upgrade is not None:
+            lines.append(b"connection: upgrade")
+            lines.append(b"upgrade: " + head.upgrade)
+        if head.framing == LENGTH:
+            lines.append(b"content-length: %d" % head.content_length)
+        elif head.framing == CHUNKED:
+            lines.append(b"transfer-encoding: " + head.transfer_encoding)
+        return build_head(head.method + b" " + self.path + b" HTTP/1.1", lines)
+
+    # -- request body from the client ----------------------------------------
+
+    def on_request_body(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.write(chunk(data) if self.head.framing == CHUNKED else data)
+            if not self.replayable:
+                return
+        self.body.append(data)
+        self.body_size += len(data)
+        if self.body_size > REPLAY_LIMIT and self.replayable:
+            self.replayable = False
+            if conn is not None:
+                self.body = []
+        if conn is None and self.body_size > BUFFER_LIMIT:
+            self.down.pause(4)
+
+    def on_request_end(self, trailers: Headers | None) -> None:
+        self.req_done = True
+        self.trailers = trailers
+        if self.conn is not None:
+            self._write_request_end(self.conn)
+        if self.started and self.phase == WAITING and self.service is not None:
+            self.down.set_deadline(REQUEST, self.service.service.timeouts.request)
+
+    def on_request_error(self, err: ProtocolError) -> None:
+        """The client broke framing in the middle of this request's body."""
+        self.error = err
+        self.close_after = True
+        if not self.started:
+            return  # start() answers it without forwarding anything
+        if self.conn is not None:
+            self.conn.abort()  # the upstream sees a truncated request, never a whole one
+            self.conn = None
+        if self.phase == WAITING:
+            self._fail(MeshError(err.status, "bad-request", err.reason), count=False)
+        else:
+            self.down.abort()
+
+    # -- tunnel (after 101) ----------------------------------------------------
+
+    def on_tunnel_down(self, data: bytes) -> None:
+        if self.tunnel and self.conn is not None:
+            self.conn.write(data)
+        else:
+            self.tunnel_buf.append(data)
+
+    def on_tunnel_up(self, data: bytes) -> None:
+        self.down.write(data)
+
+    # -- the response, from the upstream connection ----------------------------
+
+    def on_response_head(self, resp: ResponseHead) -> None:
+        status = resp.status
+        down = self.down
+        if 100 <= status < 200 and status != 101:
+            if self.head.version == b"1.1" and self.phase == WAITING:
+                down.write(
+                    build_head(b"HTTP/1.1 %d %b" % (status, resp.reason), _response_lines(resp))
+                )
+            return
+        svc = self.service
+        ep = self.endpoint
+        assert svc is not None and ep is not None
+        now = time.monotonic()
+        if (
+            status in svc.service.retries.on_status
+            and self.head.method in IDEMPOTENT
+            and self._can_retry()
+        ):
+            svc.balancer.report(ep, False, now - self.t_attempt)
+            down.listener.metrics.retries.labels(svc.name, str(status)).inc()
+            conn = self.conn
+            self.conn = None
+            ep.in_flight -= 1
+            if conn is not None:
+                conn.close()
+            self._attempt()
+            return
+        svc.balancer.report(ep, status < 500, now - self.t_attempt)
+        self.status = status
+        self.phase = STREAMING
+        lines = _response_lines(resp)
+        framing = resp.framing
+        if status == 101 and self.head.upgrade is not None:
+            self.tunnel = True
+            lines.append(b"connection: upgrade")
+            for name, value in resp.headers:
+                if name.lower() == b"upgrade":
+                    lines.append(b"upgrade: " + value)
+            down.set_deadline(STREAM, svc.service.timeouts.idle)
+            down.write(build_head(b"HTTP/1.1 101 %b" % resp.reason, lines))
+            conn = self.conn
+            if conn is not None:
+                for piece in self.tunnel_buf:
+                    conn.write(piece)
+            self.tunnel_buf = []
+            return
+        http11 = self.head.version == b"1.1"
+        if framing == LENGTH:
+            lines.append(b"content-length: %d" % resp.content_length)
+        elif framing == NO_BODY:
+            if resp.content_length >= 0 and status != 204:
+                lines.append(b"content-length: %d" % resp.content_length)
+        elif http11:  # CHUNKED or UNTIL_CLOSE
+            self.chunked_out = True
+            lines.append(b"transfer-encoding: chunked")
+        else:
+            self.close_after = True  # an HTTP/1.0 client reads to the close
+        if self.head.upgrade is not None or down.listener.closing or self.error is not None:
+            self.close_after = True
+        if self.close_after:
+            lines.append(b"connection: close")
+        elif not http11:
+            lines.append(b"connection: keep-alive")
+        down.set_deadline(STREAM, svc.service.timeouts.idle)
+        down.write(build_head(b"HTTP/1.1 %d %b" % (status, resp.reason), lines))
+        if framing == UNTIL_CLOSE:
+            pass  # body pieces follow; the end comes with the upstream's close
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.phase != STREAMING:
+            return
+        self.down.write(chunk(data) if self.chunked_out else data)
+
+    def on_response_end(self, trailers: Headers | None) -> None:
+        if self.phase != STREAMING:
+            return
+        if self.chunked_out:
+            self.down.write(last_chunk(trailers))
+        self._finish()
+
+    def on_upstream_error(self, err: ProtocolError) -> None:
+        """The upstream broke framing: 502, and the connection is never reused."""
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.abort()
+        if self.phase == WAITING:
+            assert self.endpoint is not None and self.service is not None
+            self.service.balancer.report(self.endpoint, False, time.monotonic() - self.t_attempt)
+            self.endpoint.in_flight -= 1
+            self.endpoint = None
+            self._fail(MeshError(502, "bad-upstream-response", err.reason))
+        else:
+            self.status = 502
+            self.down.abort()
+            self._finish(ok=False)
+
+    def on_upstream_lost(self, exc: Exception | None) -> None:
+        """The upstream connection closed under us."""
+        self.conn = None
+        if self.phase == STREAMING:
+            if self.tunnel:
+                self.down.close()
+                self._finish()
+                return
+            self.down.abort()  # a truncated response must look truncated
+            self._finish(ok=False)
+            return
+        if self.phase != WAITING:
+            return
+        svc = self.service
+        ep = self.endpoint
+        assert svc is not None and ep is not None
+        msg = f"{svc.name}: {ep.endpoint.address} closed the connection before responding"
+        self._attempt_failed(
+            MeshError(502, "upstream-reset", msg),
+            safe=self.head.method in IDEMPOTENT,
+        )
+
+    def _can_retry(self) -> bool:
+        svc = self.service
+        assert svc is not None
+        if not self.replayable or self.attempts > svc.service.retries.attempts:
+            return False
+        if self.down.closed or self.error is not None:
+            return False
+        return svc.budget.withdraw()
+
+    def _attempt_failed(self, err: MeshError, safe: bool) -> None:
+        svc = self.service
+        ep = self.endpoint
+        assert svc is not None and ep is not None
+        svc.balancer.report(ep, False, time.monotonic() - self.t_attempt)
+        ep.in_flight -= 1
+        self.endpoint = None
+        if self.conn is not None:
+            self.conn.abort()
+            self.conn = None
+        if safe and self._can_retry():
+            self.down.listener.metrics.retries.labels(svc.name, err.reason).inc()
+            self._attempt()
+            return
+        self._fail(err)
+
+    # -- endings -------------------------------------------------------------
+
+    def on_deadline(self) -> None:
+        """The client connection's deadline passed while this exchange was active."""
+        if self.phase == WAITING:
+            svc = self.service
+            name = svc.name if svc else "?"
+            if self.endpoint is not None and svc is not None:
+                svc.balancer.report(self.endpoint, False, time.monotonic() - self.t_attempt)
+                self.endpoint.in_flight -= 1
+                self.endpoint = None
+            if self.conn is not None:
+                self.conn.abort()
+                self.conn = None
+            timeout = svc.service.timeouts.request if svc else 0
+            self._fail(MeshError(504, "timeout", f"{name}: no response within {timeout:g}s"))
+        else:
+            self.down.abort()
+            self._finish(ok=False)
+
+    def on_downstream_lost(self) -> None:
+        """The client went away."""
+        if self.phase == DONE:
+            return
+        if self.conn is not None:
+            self.conn.abort()
+            self.conn = None
+        if self.endpoint is not None:
+            self.endpoint.in_flight -= 1
+            self.endpoint = None
+        if not self.status:
+            self.status = 499
+        self._finish(ok=False)
+
+    def _fail(self, err: MeshError, count: bool = True) -> None:
+        """Answer with a mesh error (when nothing was sent yet) and end."""
+        down = self.down
+        if self.endpoint is not None:
+            self.endpoint.in_flight -= 1
+            self.endpoint = None
+        if self.phase == STREAMING:
+            down.abort()
+            self._finish(ok=False)
+            return
+        self.status = err.status
+        if not self.req_done or err.status == 400 or self.head.upgrade is not None:
+            self.close_after = True
+        if down.listener.closing:
+            self.close_after = True
+        listener = down.listener
+        listener.metrics.errors.labels(listener.direction, err.reason).inc()
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "%s %s %s -> %d %s: %s",
+                listener.direction,
+                self.head.method.decode(),
+                self.head.target[:200].decode("latin-1"),
+                err.status,
+                err.reason,
+                err.message,
+            )
+        down.write(
+            render(
+                err.status,
+                err.reason,
+                err.message,
+                listener.sidecar,
+                self.close_after,
+                self.request_id,
+                err.retry_after,
+            )
+        )
+        self.phase = STREAMING
+        self._finish(ok=False)
+
+    def _finish(self, ok: bool = True) -> None:
+        if self.phase == DONE:
+            return
+        self.phase = DONE
+        svc = self.service
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            if ok and self.req_done and conn.reusable and svc is not None:
+                svc.pool.release(conn)
+            else:
+                conn.close()
+        if self.endpoint is not None:
+            self.endpoint.in_flight -= 1
+            self.endpoint = None
+        if svc is not None:
+            svc.in_flight -= 1
+            if not self.req_done:
+                self.close_after = True
+        listener = self.down.listener
+        elapsed = time.monotonic() - self.t0
+        listener.observe(self, elapsed)
+        self.down.exchange_done(self)
+
+
+def _response_lines(resp: ResponseHead) -> list[bytes]:
+    named = connection_tokens(resp.headers)
+    out = []
+    for name, value in resp.headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in named or lname.startswith(b"proxy-"):
+            continue
+        out.append(name + b": " + value)
+    return out

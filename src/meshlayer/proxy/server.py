@@ -1,0 +1,336 @@
+"""Listeners: the client side of the sidecar (inbound and outbound).
+
+Theory of operation: a ``DownstreamConnection`` is the parser's feeder and the
+owner of its exchanges. All events of one read are handled before any
+exchange starts, so a request whose body turns out malformed in the same read
+is refused without a byte going upstream. Pipelined requests queue as
+exchanges and are answered strictly in order: only the front one runs; the
+next starts when it finishes. Reading pauses for three reasons, kept as bits
+(1: the client's pipeline queue is deep, 2: the upstream cannot take the
+request body as fast, 4: a body is arriving before any upstream connection
+exists), and resumes when the last reason clears.
+
+Each connection has one deadline (header read, idle keep-alive, request
+timeout or streaming idle) that the listener's sweeper checks, so no timer is
+created per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from meshlayer.proxy.codec import Body, EndOfMessage, ProtocolError, RequestHead, TunnelData
+from meshlayer.proxy.codec.request import RequestParser
+from meshlayer.proxy.errors import render
+from meshlayer.proxy.exchange import Exchange
+from meshlayer.proxy.metrics import Metrics, RouteMetrics
+from meshlayer.proxy.runtime import ServiceRuntime
+
+log = logging.getLogger("meshlayer.proxy")
+access_log = logging.getLogger("meshlayer.access")
+
+PIPELINE_DEPTH = 16
+
+# deadline kinds
+NONE, IDLE, HEADER, REQUEST, STREAM = 0, 1, 2, 3, 4
+
+
+class Listener:
+    """Shared, per-listener state and policy: what differs between inbound and outbound."""
+
+    def __init__(
+        self,
+        direction: str,
+        sidecar: str,
+        metrics: Metrics,
+        route: Callable[[Exchange], ServiceRuntime],
+        source_label: Callable[[bytes], str],
+        destination_label: Callable[[Exchange], str],
+        header_timeout: float,
+        idle_timeout: float,
+        source_line: bytes = b"",
+        access: bool = False,
+    ) -> None:
+        self.direction = direction
+        self.sidecar = sidecar
+        self.metrics = metrics
+        self.route = route
+        self.source_label = source_label
+        self.destination_label = destination_label
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.source_line = source_line
+        self.access = access
+        self.closing = False
+        self.connections: set[DownstreamConnection] = set()
+        self.server: asyncio.Server | None = None
+        self._gauge = metrics.connections.labels("downstream", direction)
+
+    def protocol(self) -> DownstreamConnection:
+        return DownstreamConnection(self)
+
+    def observe(self, ex: Exchange, seconds: float) -> None:
+        if not ex.source:
+            ex.source = self.source_label(b"")
+        rm: RouteMetrics = self.metrics.route(self.direction, ex.source, self.destination_label(ex))
+        rm.observe(ex.status, seconds)
+        if self.access:
+            access_log.info(
+                '%s "%s %s HTTP/%s" %d %.1fms src=%s dst=%s rid=%s',
+                self.direction,
+                ex.head.method.decode(),
+                ex.head.target[:500].decode("latin-1"),
+                ex.head.version.decode(),
+                ex.status,
+                seconds * 1000,
+                ex.source or "unknown",
+                self.destination_label(ex),
+                ex.request_id.decode("latin-1"),
+            )
+
+    def sweep(self, now: float) -> None:
+        for conn in list(self.connections):
+            if conn.deadline and now >= conn.deadline:
+                conn.on_deadline(now)
+
+    def begin_shutdown(self) -> None:
+        """Stop reusing connections; close the idle ones now."""
+        self.closing = True
+        for conn in list(self.connections):
+            if not conn.queue and not conn.parser.in_head:
+                conn.close()
+
+
+class DownstreamConnection(asyncio.Protocol):
+    """One client connection to a listener."""
+
+    __slots__ = (
+        "closed",
+        "deadline",
+        "deadline_kind",
+        "eof",
+        "listener",
+        "parser",
+        "paused",
+        "peer_ip",
+        "queue",
+        "reading",
+        "stream_idle",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.parser = RequestParser()
+        self.queue: deque[Exchange] = deque()
+        self.reading: Exchange | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer_ip = b"unknown"
+        self.closed = False
+        self.eof = False
+        self.paused = 0
+        self.write_paused = False
+        self.deadline = 0.0
+        self.deadline_kind = NONE
+        self.stream_idle = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"<DownstreamConnection {self.listener.direction} {self.peer_ip.decode()} "
+            f"queue={len(self.queue)} paused={self.paused}>"
+        )
+
+    # -- asyncio callbacks -----------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer_ip = str(peer[0]).encode()
+        self.listener.connections.add(self)
+        self.listener._gauge.inc()
+        self._set_idle()
+
+    def data_received(self, data: bytes) -> None:
+        events = self.parser.feed(data)
+        queue = self.queue
+        for ev in events:
+            t = type(ev)
+            if t is RequestHead:
+                ex = Exchange(self, ev)  # type: ignore[arg-type]
+                queue.append(ex)
+                self.reading = ex
+            elif t is Body:
+                if self.reading is not None:
+                    self.reading.on_request_body(ev.data)  # type: ignore[attr-defined]
+            elif t is EndOfMessage:
+                if self.reading is not None:
+                    self.reading.on_request_end(ev.trailers)  # type: ignore[attr-defined]
+                    self.reading = None
+            elif t is TunnelData:
+                if queue:
+                    queue[-1].on_tunnel_down(ev.data)  # type: ignore[attr-defined]
+            else:
+                assert isinstance(ev, ProtocolError)
+                self._protocol_error(ev)
+        if self.deadline_kind == STREAM:
+            self.deadline = time.monotonic() + self.stream_idle
+        if queue:
+            front = queue[0]
+            if not front.started:
+                front.start()
+            if len(queue) > PIPELINE_DEPTH:
+                self.pause(1)
+        elif self.parser.in_head and self.deadline_kind != HEADER:
+            self.deadline_kind = HEADER
+            self.deadline = time.monotonic() + self.listener.header_timeout
+
+    def _protocol_error(self, err: ProtocolError) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+        reading = self.reading
+        if reading is not None:
+            self.reading = None
+            reading.on_request_error(err)
+            return
+        if not self.queue:
+            self._refuse(err)
+            return
+        # Answer the requests before it in order, then refuse: a placeholder exchange
+        # (a bare head) carries the error to its turn.
+        placeholder = Exchange(self, _ERROR_HEAD)
+        placeholder.error = err
+        placeholder.req_done = True
+        placeholder.close_after = True
+        self.queue.append(placeholder)
+
+    def _refuse(self, err: ProtocolError) -> None:
+        listener = self.listener
+        listener.metrics.errors.labels(listener.direction, "bad-request").inc()
+        log.info(
+            "%s refused a request from %s: %d %s",
+            listener.direction,
+            self.peer_ip.decode(),
+            err.status,
+            err.reason,
+        )
+        self.write(render(err.status, "bad-request", err.reason, listener.sidecar, True))
+        self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.connections.discard(self)
+        self.listener._gauge.dec()
+        queue = self.queue
+        while queue:
+            ex = queue.popleft()
+            if ex.started:
+                ex.on_downstream_lost()
+        self.queue = deque()
+
+    def eof_received(self) -> bool:
+        # The client is done sending. Let a request in flight finish; close otherwise.
+        self.eof = True
+        return bool(self.queue)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.queue:
+            conn = self.queue[0].conn
+            if conn is not None:
+                conn.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.queue:
+            conn = self.queue[0].conn
+            if conn is not None:
+                conn.resume_reading()
+
+    # -- used by exchanges -----------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+            if self.deadline_kind == STREAM:
+                self.deadline = time.monotonic() + self.stream_idle
+
+    def pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if (
+            not self.paused
+            and self.transport is not None
+            and not self.closed
+            and self.parser.error is None
+        ):
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def exchange_done(self, ex: Exchange) -> None:
+        queue = self.queue
+        if queue and queue[0] is ex:
+            queue.popleft()
+        if self.closed:
+            return
+        if ex.close_after or self.listener.closing:
+            self.close()
+            return
+        if not queue and (self.eof or self.parser.error is not None):
+            self.close()
+            return
+        if queue:
+            if len(queue) <= PIPELINE_DEPTH:
+                self.resume(1)
+            queue[0].start()
+        else:
+            self._set_idle()
+            if self.parser.in_head:
+                self.deadline_kind = HEADER
+                self.deadline = time.monotonic() + self.listener.header_timeout
+
+    # -- deadlines -------------------------------------------------------------
+
+    def set_deadline(self, kind: int, seconds: float) -> None:
+        self.deadline_kind = kind
+        self.stream_idle = seconds
+        self.deadline = time.monotonic() + seconds
+
+    def _set_idle(self) -> None:
+        self.deadline_kind = IDLE
+        self.deadline = time.monotonic() + self.listener.idle_timeout
+
+    def on_deadline(self, now: float) -> None:
+        kind = self.deadline_kind
+        self.deadline = 0.0
+        self.deadline_kind = NONE
+        if self.queue and self.queue[0].started:
+            self.queue[0].on_deadline()
+            return
+        if kind == HEADER:
+            err = ProtocolError(408, "request header not received in time")
+            self.listener.metrics.errors.labels(self.listener.direction, "header-timeout").inc()
+            self.write(render(408, "header-timeout", err.reason, self.listener.sidecar, True))
+        self.close()
+
+
+_ERROR_HEAD = RequestHead(b"GET", b"/", b"1.1", [], False, 0, 0, b"", None, None, False)

@@ -1,0 +1,301 @@
+"""The sidecar process: config, listeners, admin, sweeper, graceful shutdown.
+
+This is the one place where the request path is assembled (linkerd's
+``sidecar.rs``): the outbound listener routes by authority to a service of
+the mesh, the inbound listener always to the local app; both run the same
+exchange pipeline (route → circuit breaker → balance → pool → forward →
+observe) and differ only in the policy callbacks given to ``Listener``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from meshlayer.config import ConfigError, Endpoint, MeshConfig, Service, load_file
+from meshlayer.config.load import parse_address
+from meshlayer.proxy.admin import AdminProtocol, AdminState
+from meshlayer.proxy.errors import MeshError
+from meshlayer.proxy.exchange import Exchange
+from meshlayer.proxy.loop import loop_name, run
+from meshlayer.proxy.metrics import Metrics
+from meshlayer.proxy.runtime import Router, ServiceRuntime
+from meshlayer.proxy.server import Listener
+
+log = logging.getLogger("meshlayer.sidecar")
+
+SWEEP_INTERVAL = 0.1
+MAX_SOURCES = 256  # distinct source labels kept on inbound metrics
+_SOURCE_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class SidecarOptions:
+    """How one sidecar is started (the ``meshlayer sidecar`` flags)."""
+
+    service: str
+    """Name of the local service."""
+    app: tuple[str, int]
+    """The local app's listener."""
+    inbound: tuple[str, int]
+    """Inbound listener address."""
+    outbound: tuple[str, int]
+    """Outbound listener address."""
+    admin: tuple[str, int]
+    """Admin listener address."""
+    grace: float = 20.0
+    """Seconds in-flight requests get to finish on SIGTERM."""
+    header_timeout: float = 10.0
+    """Seconds a client has to send a whole request head."""
+    idle_timeout: float = 60.0
+    """Seconds a keep-alive client connection may sit idle."""
+    access_log: bool = False
+    """One log line per request."""
+
+
+class Sidecar:
+    """One sidecar: two proxy listeners and an admin listener."""
+
+    def __init__(self, opts: SidecarOptions, config: MeshConfig) -> None:
+        self.opts = opts
+        self.name = opts.service
+        self.metrics = Metrics()
+        self.config = config
+        self.router = Router(config)
+        self.app = ServiceRuntime(self._app_service(config))
+        self.admin_state = AdminState(self.metrics, self._config_view)
+        self.metrics.config_info.labels(config.version).set(1)
+        self.metrics.add_state_collector(self._state)
+        common = {
+            "sidecar": opts.service,
+            "metrics": self.metrics,
+            "header_timeout": opts.header_timeout,
+            "idle_timeout": opts.idle_timeout,
+            "access": opts.access_log,
+        }
+        self.outbound = Listener(
+            "outbound",
+            route=self._route_outbound,
+            source_label=lambda _v: self.name,
+            destination_label=lambda ex: ex.service.name if ex.service else "unknown",
+            source_line=b"x-meshlayer-source: " + opts.service.encode(),
+            **common,  # type: ignore[arg-type]
+        )
+        self.inbound = Listener(
+            "inbound",
+            route=lambda _ex: self.app,
+            source_label=self._inbound_source,
+            destination_label=lambda _ex: self.name,
+            **common,  # type: ignore[arg-type]
+        )
+        self._sources: set[str] = set(config.services)
+        self._servers: list[asyncio.Server] = []
+        self._stop = asyncio.Event()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def _app_service(self, config: MeshConfig) -> Service:
+        host, port = self.opts.app
+        own = config.services.get(self.name)
+        base = own if own is not None else Service(self.name)
+        return replace(
+            base, endpoints=(Endpoint(host, port, meshed=False),), load_balancer="round-robin"
+        )
+
+    # -- policy callbacks ------------------------------------------------------
+
+    def _route_outbound(self, ex: Exchange) -> ServiceRuntime:
+        authority = ex.authority if ex.authority is not None else ex.head.host
+        if not authority:
+            raise MeshError(
+                400, "no-authority", "request names no service (no Host, no absolute URI)"
+            )
+        return self.router.resolve(authority)
+
+    def _inbound_source(self, value: bytes) -> str:
+        """The caller's service, as its sidecar said; bounded so labels stay few."""
+        if not value:
+            return "unknown"
+        name = value.decode("latin-1")
+        if name in self._sources:
+            return name
+        if len(self._sources) < MAX_SOURCES and _SOURCE_RE.match(name):
+            self._sources.add(name)
+            return name
+        return "unknown"
+
+    def _config_view(self) -> dict[str, Any]:
+        view = self.config.to_dict()
+        view["sidecar"] = {
+            "service": self.name,
+            "app": "{}:{}".format(*self.opts.app),
+            "inbound": "{}:{}".format(*self.opts.inbound),
+            "outbound": "{}:{}".format(*self.opts.outbound),
+            "admin": "{}:{}".format(*self.opts.admin),
+            "loop": loop_name(),
+        }
+        return view
+
+    def _state(self) -> dict[str, list[tuple[tuple[str, ...], float]]]:
+        out: dict[str, list[tuple[tuple[str, ...], float]]] = {
+            "meshlayer_ejected_endpoints": [],
+            "meshlayer_endpoints": [],
+            "meshlayer_upstream_in_flight": [],
+            "meshlayer_upstream_pending": [],
+        }
+        for rt in [*self.router.services.values(), self.app]:
+            label = (rt.name if rt is not self.app else f"{rt.name}(app)",)
+            out["meshlayer_ejected_endpoints"].append((label, rt.balancer.ejected_count))
+            out["meshlayer_endpoints"].append((label, len(rt.balancer.states)))
+            out["meshlayer_upstream_in_flight"].append((label, rt.in_flight))
+            out["meshlayer_upstream_pending"].append((label, len(rt.pool.pending)))
+        return out
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind all listeners; raises OSError naming the one that failed."""
+        loop = asyncio.get_running_loop()
+        for what, addr, factory in (
+            ("outbound", self.opts.outbound, self.outbound.protocol),
+            ("inbound", self.opts.inbound, self.inbound.protocol),
+            ("admin", self.opts.admin, lambda: AdminProtocol(self.admin_state)),
+        ):
+            try:
+                server = await loop.create_server(
+                    factory, addr[0], addr[1], reuse_address=True, backlog=1024
+                )
+            except OSError as exc:
+                for s in self._servers:
+                    s.close()
+                raise OSError(f"cannot listen on {what} {addr[0]}:{addr[1]}: {exc}") from exc
+            self._servers.append(server)
+        for rt in [*self.router.services.values(), self.app]:
+            self._watch_pool(rt)
+        self._sweeper = loop.create_task(self._sweep())
+        self.admin_state.ready = True
+        log.info(
+            "sidecar %s ready: outbound %s:%d, inbound %s:%d -> app %s:%d, admin %s:%d (%s, "
+            "config %s with %d services)",
+            self.name,
+            *self.opts.outbound,
+            *self.opts.inbound,
+            *self.opts.app,
+            *self.opts.admin,
+            loop_name(),
+            self.config.version,
+            len(self.config.services),
+        )
+
+    def _watch_pool(self, rt: ServiceRuntime) -> None:
+        gauge = self.metrics.connections.labels("upstream", rt.name)
+        rt.pool.on_change = gauge.inc
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_pool_sweep = 0.0
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            self.outbound.sweep(now)
+            self.inbound.sweep(now)
+            if now - last_pool_sweep > 5.0:
+                last_pool_sweep = now
+                lt = loop.time()
+                for rt in [*self.router.services.values(), self.app]:
+                    rt.pool.sweep(lt)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        """Run until stopped, then shut down gracefully."""
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Readiness off, stop accepting, let in-flight requests finish within the grace."""
+        self.admin_state.ready = False
+        log.info("sidecar %s shutting down (grace %.1fs)", self.name, self.opts.grace)
+        for server in self._servers[:2]:
+            server.close()
+        for listener in (self.outbound, self.inbound):
+            listener.begin_shutdown()
+        deadline = time.monotonic() + self.opts.grace
+        while time.monotonic() < deadline:
+            if not self.outbound.connections and not self.inbound.connections:
+                break
+            await asyncio.sleep(0.02)
+        left = len(self.outbound.connections) + len(self.inbound.connections)
+        if left:
+            log.warning("grace period over: closing %d connections with requests in flight", left)
+            for listener in (self.outbound, self.inbound):
+                for conn in list(listener.connections):
+                    conn.abort()
+        for rt in [*self.router.services.values(), self.app]:
+            rt.pool.close_idle()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._servers[2].close()
+        await asyncio.sleep(0)
+        log.info("sidecar %s stopped", self.name)
+
+
+def options_from_args(args: argparse.Namespace) -> SidecarOptions:
+    """Validate the flags; raises ConfigError naming the flag."""
+
+    def addr(flag: str, value: str) -> tuple[str, int]:
+        try:
+            return parse_address(value)
+        except ValueError as exc:
+            raise ConfigError("command line", flag, str(exc)) from None
+
+    for flag, value in (
+        ("--grace", args.grace),
+        ("--header-timeout", args.header_timeout),
+        ("--idle-timeout", args.idle_timeout),
+    ):
+        if value <= 0:
+            raise ConfigError("command line", flag, f"must be positive, got {value}")
+    return SidecarOptions(
+        service=args.service,
+        app=addr("--app", args.app),
+        inbound=addr("--inbound", args.inbound),
+        outbound=addr("--outbound", args.outbound),
+        admin=addr("--admin", args.admin),
+        grace=args.grace,
+        header_timeout=args.header_timeout,
+        idle_timeout=args.idle_timeout,
+        access_log=args.access_log,
+    )
+
+
+async def _main(opts: SidecarOptions, config: MeshConfig) -> int:
+    sidecar = Sidecar(opts, config)
+    try:
+        await sidecar.start()
+    except OSError as exc:
+        print(f"meshlayer sidecar: {exc}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, sidecar.request_stop)
+    await sidecar.serve()
+    return 0
+
+
+def run_sidecar_cli(args: argparse.Namespace) -> int:
+    """``meshlayer sidecar``: exit 2 on bad flags or config, nothing started."""
+    try:
+        opts = options_from_args(args)
+        config = load_file(args.config)
+    except ConfigError as exc:
+        print(f"meshlayer sidecar: invalid config: {exc}", file=sys.stderr)
+        return 2
+    return run(_main(opts, config))
