@@ -1,0 +1,202 @@
+"""A test upstream server, run as its own process: ``python -m tests.support.upstream_app``.
+
+It parses with h11 (an independent HTTP/1.1 implementation, so it doubles as
+an oracle for what the sidecar forwards) and behaves by path:
+
+  /id                 200, body = this server's --name
+  /echo               200, echoes the request body (streamed, chunked out)
+  /headers            200, JSON of the request line and headers received
+  /status/<code>      that status, body "status <code>"
+  /delay/<ms>         200 after <ms> milliseconds
+  /bytes/<n>          200 with an n-byte body (Content-Length), streamed
+  /sink               200 with the number of body bytes received
+  /close              closes the connection without answering
+  /bad-framing        answers with Content-Length and Transfer-Encoding both
+  /ws                 101 when asked to upgrade, then echoes raw bytes
+  /stats              JSON: connections, requests and raw bytes received so far
+  (anything else)     200 "ok"
+
+Every raw byte received is counted, so a test can check that a refused request
+never reached the upstream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+
+import h11
+
+STATS = {"connections": 0, "requests": 0, "bytes": 0, "paths": []}
+NAME = "upstream"
+CHUNK = 256 * 1024
+
+
+async def _send(writer: asyncio.StreamWriter, conn: h11.Connection, event: object) -> None:
+    data = conn.send(event)  # type: ignore[arg-type]
+    if data:
+        writer.write(data)
+        await writer.drain()
+
+
+async def _next(reader: asyncio.StreamReader, conn: h11.Connection) -> object:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await reader.read(CHUNK)
+            STATS["bytes"] += len(data)
+            conn.receive_data(data)
+            continue
+        return event
+
+
+async def _body(reader: asyncio.StreamReader, conn: h11.Connection):  # type: ignore[no-untyped-def]
+    while True:
+        ev = await _next(reader, conn)
+        if isinstance(ev, h11.Data):
+            yield bytes(ev.data)
+        else:
+            return
+
+
+def _resp(status: int, headers: list[tuple[str, str]] | None = None) -> h11.Response:
+    return h11.Response(status_code=status, headers=headers or [])
+
+
+async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    STATS["connections"] += 1
+    conn = h11.Connection(h11.SERVER)
+    try:
+        while True:
+            ev = await _next(reader, conn)
+            if isinstance(ev, h11.ConnectionClosed) or ev is None:
+                break
+            if not isinstance(ev, h11.Request):
+                break
+            STATS["requests"] += 1
+            path = ev.target.decode()
+            STATS["paths"].append(path)
+            if not await route(ev, path, reader, writer, conn):
+                break
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                break
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                break
+    except (h11.RemoteProtocolError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def route(
+    req: h11.Request,
+    path: str,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    conn: h11.Connection,
+) -> bool:
+    """Answer one request; False closes the connection."""
+    if path == "/close":
+        return False
+    if path == "/bad-framing":
+        async for _ in _body(reader, conn):
+            pass
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+        return False
+    if path == "/ws":
+        headers = {k.lower(): v for k, v in req.headers}
+        if headers.get(b"upgrade", b"").lower() != b"websocket":
+            await _send(writer, conn, _resp(400, [("content-length", "0")]))
+            await _send(writer, conn, h11.EndOfMessage())
+            return True
+        await _next(reader, conn)  # EndOfMessage
+        await _send(
+            writer,
+            conn,
+            h11.InformationalResponse(
+                status_code=101, headers=[("connection", "upgrade"), ("upgrade", "websocket")]
+            ),
+        )
+        rest, _ = conn.trailing_data
+        if rest:
+            writer.write(b"echo:" + rest)
+        while data := await reader.read(CHUNK):
+            writer.write(b"echo:" + data)
+            await writer.drain()
+        return False
+    if path == "/echo":
+        await _send(writer, conn, _resp(200, [("transfer-encoding", "chunked")]))
+        async for piece in _body(reader, conn):
+            await _send(writer, conn, h11.Data(data=piece))
+        await _send(writer, conn, h11.EndOfMessage())
+        return True
+    total = 0
+    async for piece in _body(reader, conn):
+        total += len(piece)
+    status, body, headers = 200, b"ok", [("content-type", "text/plain")]
+    if path == "/id":
+        body = NAME.encode()
+    elif path == "/headers":
+        body = json.dumps(
+            {
+                "method": req.method.decode(),
+                "target": req.target.decode(),
+                "headers": [[k.decode(), v.decode("latin-1")] for k, v in req.headers],
+            }
+        ).encode()
+        headers = [("content-type", "application/json")]
+    elif path.startswith("/status/"):
+        status = int(path.split("/")[2])
+        body = f"status {status}".encode()
+    elif path.startswith("/delay/"):
+        await asyncio.sleep(int(path.split("/")[2]) / 1000)
+        body = b"late"
+    elif path == "/sink":
+        body = str(total).encode()
+    elif path == "/stats":
+        body = json.dumps(STATS).encode()
+    elif path.startswith("/bytes/"):
+        n = int(path.split("/")[2])
+        await _send(writer, conn, _resp(200, [("content-length", str(n))]))
+        block = b"x" * CHUNK
+        while n > 0:
+            piece = block[: min(n, CHUNK)]
+            n -= len(piece)
+            await _send(writer, conn, h11.Data(data=piece))
+        await _send(writer, conn, h11.EndOfMessage())
+        return True
+    headers = [*headers, ("content-length", str(len(body)))]
+    await _send(writer, conn, _resp(status, headers))
+    if req.method != b"HEAD":
+        await _send(writer, conn, h11.Data(data=body))
+    await _send(writer, conn, h11.EndOfMessage())
+    return True
+
+
+async def main(host: str, port: int) -> None:
+    server = await asyncio.start_server(handle, host, port, reuse_address=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"listening {host}:{port}", flush=True)
+    async with server:
+        await stop.wait()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--name", default="upstream")
+    a = ap.parse_args()
+    NAME = a.name
+    asyncio.run(main(a.host, a.port))
