@@ -111,6 +111,7 @@ class DownstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "closed",
+        "corked",
         "deadline",
         "deadline_kind",
         "eof",
@@ -133,6 +134,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer_ip = b"unknown"
         self.closed = False
+        self.corked: list[bytes] | None = None
         self.eof = False
         self.paused = 0
         self.write_paused = False
@@ -256,10 +258,24 @@ class DownstreamConnection(asyncio.Protocol):
     # -- used by exchanges -----------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        if self.corked is not None:
+            self.corked.append(data)
+            return
         if not self.closed and self.transport is not None:
             self.transport.write(data)
             if self.deadline_kind == STREAM:
                 self.deadline = time.monotonic() + self.stream_idle
+
+    def cork(self) -> None:
+        """Gather writes until ``uncork``: one send for a head and a small body."""
+        if self.corked is None:
+            self.corked = []
+
+    def uncork(self) -> None:
+        pieces = self.corked
+        self.corked = None
+        if pieces:
+            self.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def pause(self, reason: int) -> None:
         if not self.paused and self.transport is not None and not self.closed:
@@ -279,6 +295,8 @@ class DownstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self) -> None:
+        if self.corked:
+            self.uncork()
         if self.transport is not None and not self.closed:
             self.transport.close()
 

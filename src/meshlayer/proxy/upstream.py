@@ -96,7 +96,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         events = self.parser.feed(data)
-        self._dispatch(events)
+        ex = self.exchange
+        if ex is None or len(events) < 2:
+            self._dispatch(events)
+            return
+        down = ex.down
+        down.cork()
+        try:
+            self._dispatch(events)
+        finally:
+            down.uncork()
 
     def _dispatch(self, events: list[object]) -> None:
         for ev in events:
