@@ -1,19 +1,20 @@
 """Prometheus metrics of one sidecar.
 
-The hot path touches only pre-resolved label children, cached per
-(direction, source, destination): one counter increment and one histogram
-observation per request. Gauges that describe state (ejected endpoints, pool
+The hot path touches only plain integers kept per (direction, source,
+destination): one status count and one histogram bucket per request, read by
+a collector at scrape time. Gauges that describe state (ejected endpoints, pool
 sizes, in-flight) are read at scrape time by a collector, costing nothing per
 request.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -21,21 +22,56 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class RouteMetrics:
-    """Label children for one (direction, source, destination)."""
+    """Request counts and a latency histogram for one (direction, source, destination).
 
-    __slots__ = ("duration", "statuses")
+    Plain integers, no locks: the sidecar is one thread, and the scrape reads
+    them through ``_RouteCollector``.
+    """
 
-    def __init__(self, m: Metrics, direction: str, source: str, destination: str) -> None:
-        self.statuses = [
-            m.requests.labels(direction, source, destination, cls) for cls in STATUS_CLASSES
-        ]
-        self.duration = m.duration.labels(direction, source, destination)
+    __slots__ = ("buckets", "labels", "statuses", "total_seconds")
+
+    def __init__(self, direction: str, source: str, destination: str) -> None:
+        self.labels = (direction, source, destination)
+        self.statuses = [0, 0, 0, 0, 0]
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.total_seconds = 0.0
 
     def observe(self, status: int, seconds: float) -> None:
         idx = status // 100 - 1
         if 0 <= idx < 5:
-            self.statuses[idx].inc()
-        self.duration.observe(seconds)
+            self.statuses[idx] += 1
+        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.total_seconds += seconds
+
+
+class _RouteCollector(Collector):
+    def __init__(self, routes: dict[tuple[str, str, str], RouteMetrics]) -> None:
+        self._routes = routes
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        requests = CounterMetricFamily(
+            "meshlayer_requests",
+            "Requests handled, by direction, source, destination and status class",
+            labels=["direction", "source", "destination", "status_class"],
+        )
+        duration = HistogramMetricFamily(
+            "meshlayer_request_duration_seconds",
+            "Time from the request head to the end of the response",
+            labels=["direction", "source", "destination"],
+        )
+        for rm in list(self._routes.values()):
+            for cls, n in zip(STATUS_CLASSES, rm.statuses, strict=True):
+                requests.add_metric([*rm.labels, cls], n)
+            cumulative, acc = [], 0
+            for bound, n in zip([*BUCKETS, float("inf")], rm.buckets, strict=True):
+                acc += n
+                cumulative.append(("+Inf" if bound == float("inf") else repr(bound), acc))
+            duration.add_metric(list(rm.labels), cumulative, rm.total_seconds)
+        yield requests
+        yield duration
+
+    def describe(self) -> list[Any]:
+        return []
 
 
 class _StateCollector(Collector):
@@ -65,19 +101,8 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "meshlayer_requests",
-            "Requests handled, by direction, source, destination and status class",
-            ["direction", "source", "destination", "status_class"],
-            registry=r,
-        )
-        self.duration = Histogram(
-            "meshlayer_request_duration_seconds",
-            "Time from the request head to the end of the response",
-            ["direction", "source", "destination"],
-            buckets=BUCKETS,
-            registry=r,
-        )
+        self._routes: dict[tuple[str, str, str], RouteMetrics] = {}
+        r.register(_RouteCollector(self._routes))
         self.connections = Gauge(
             "meshlayer_open_connections",
             "Open connections: downstream (clients) by listener, upstream by service",
@@ -99,13 +124,12 @@ class Metrics:
         self.config_info = Gauge(
             "meshlayer_config_info", "The config in force (value 1)", ["version"], registry=r
         )
-        self._routes: dict[tuple[str, str, str], RouteMetrics] = {}
 
     def route(self, direction: str, source: str, destination: str) -> RouteMetrics:
         key = (direction, source, destination)
         rm = self._routes.get(key)
         if rm is None:
-            rm = self._routes[key] = RouteMetrics(self, direction, source, destination)
+            rm = self._routes[key] = RouteMetrics(direction, source, destination)
         return rm
 
     def add_state_collector(
