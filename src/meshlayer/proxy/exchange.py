@@ -589,6 +589,12 @@ class Exchange:
             svc.in_flight -= 1
             if not self.req_done:
                 self.close_after = True
+            if svc.pool.pending:
+                try:  # a waiter that gave up must not hold a pending place
+                    svc.pool.pending.remove(self._on_pool_slot)
+                except ValueError:
+                    pass
+        self.down.resume(2 | 4)  # whatever this exchange paused, it no longer needs
         listener = self.down.listener
         elapsed = time.monotonic() - self.t0
         listener.observe(self, elapsed)
