@@ -28,13 +28,7 @@ from typing import TYPE_CHECKING
 
 from meshlayer.proxy.codec import ProtocolError, RequestHead, ResponseHead
 from meshlayer.proxy.codec.events import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, Headers
-from meshlayer.proxy.codec.serialize import (
-    HOP_BY_HOP,
-    build_head,
-    chunk,
-    connection_tokens,
-    last_chunk,
-)
+from meshlayer.proxy.codec.serialize import build_head, chunk, last_chunk, without
 from meshlayer.proxy.errors import MeshError, render
 from meshlayer.proxy.pool import CONNECT, IDLE, OVERFLOW
 from meshlayer.proxy.runtime import ServiceRuntime, split_target
@@ -53,7 +47,9 @@ REPLAY_LIMIT = 64 * 1024  # request bodies up to this size are kept for retries
 BUFFER_LIMIT = 64 * 1024  # request body buffered before an upstream connection exists
 
 SOURCE_HEADER = b"x-meshlayer-source"
-_DROP_FROM_CLIENT = frozenset({b"x-forwarded-for", SOURCE_HEADER})
+# Fields the client side's parser hands out apart, because the exchange rewrites them.
+WATCHED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id", SOURCE_HEADER})
+_HOST = frozenset({b"host"})
 
 # response phases
 WAITING = 0  # no final response head yet
@@ -254,41 +250,23 @@ class Exchange:
     def _build_request_head(self) -> bytes:
         head = self.head
         down = self.down
-        listener = down.listener
-        named = connection_tokens(head.headers)
-        lines: list[bytes] = []
-        xff = b""
-        xfp = False
-        rid = b""
-        source = b""
-        authority = self.authority
-        if authority is not None:
-            lines.append(b"host: " + authority)
-        for name, value in head.headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP or lname in named or lname.startswith(b"proxy-"):
-                continue
-            if lname in _DROP_FROM_CLIENT:
-                if lname == b"x-forwarded-for":
-                    xff = value if not xff else xff + b", " + value
-                else:
-                    source = value
-                continue
-            if lname == b"host" and authority is not None:
-                continue
-            if lname == b"x-request-id":
-                rid = value
-            elif lname == b"x-forwarded-proto":
-                xfp = True
-            lines.append(name + b": " + value)
-        self.source = listener.source_label(source)
+        picked = head.picked
+        lines = head.lines
+        if head.conn_tokens:
+            lines = without(lines, head.conn_tokens)
+        if self.authority is not None:  # absolute-form: its authority is the Host
+            lines = [b"host: " + self.authority, *without(lines, _HOST)]
+        else:
+            lines = lines.copy()
+        self.source = down.listener.source_label(picked.get(SOURCE_HEADER, b""))
+        xff = picked.get(b"x-forwarded-for")
         peer = down.peer_ip
         lines.append(b"x-forwarded-for: " + (xff + b", " + peer if xff else peer))
-        if not xfp:
-            lines.append(b"x-forwarded-proto: http")
+        lines.append(b"x-forwarded-proto: " + picked.get(b"x-forwarded-proto", b"http"))
+        rid = picked.get(b"x-request-id")
         if not rid:
             rid = b"%032x" % getrandbits(128)
-            lines.append(b"x-request-id: " + rid)
+        lines.append(b"x-request-id: " + rid)
         self.request_id = rid
         if head.upgrade is not None:
             lines.append(b"connection: upgrade")
@@ -602,11 +580,6 @@ class Exchange:
 
 
 def _response_lines(resp: ResponseHead) -> list[bytes]:
-    named = connection_tokens(resp.headers)
-    out = []
-    for name, value in resp.headers:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in named or lname.startswith(b"proxy-"):
-            continue
-        out.append(name + b": " + value)
-    return out
+    if resp.conn_tokens:
+        return without(resp.lines, resp.conn_tokens)
+    return resp.lines.copy()

@@ -27,7 +27,7 @@ from typing import Any
 from meshlayer.proxy.codec import Body, EndOfMessage, ProtocolError, RequestHead, TunnelData
 from meshlayer.proxy.codec.request import RequestParser
 from meshlayer.proxy.errors import render
-from meshlayer.proxy.exchange import Exchange
+from meshlayer.proxy.exchange import WATCHED, Exchange
 from meshlayer.proxy.metrics import Metrics, RouteMetrics
 from meshlayer.proxy.runtime import ServiceRuntime
 
@@ -128,7 +128,7 @@ class DownstreamConnection(asyncio.Protocol):
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
-        self.parser = RequestParser()
+        self.parser = RequestParser(watch=WATCHED)
         self.queue: deque[Exchange] = deque()
         self.reading: Exchange | None = None
         self.transport: asyncio.Transport | None = None

@@ -19,18 +19,30 @@ class RequestHead:
     """A request line and header section, validated."""
 
     __slots__ = (
+        "conn_tokens",
         "content_length",
         "expect_continue",
         "framing",
         "headers",
         "host",
         "keep_alive",
+        "lines",
         "method",
+        "picked",
         "target",
         "transfer_encoding",
         "upgrade",
         "version",
     )
+
+    lines: list[bytes]
+    """Header lines (``name: value``) that may travel to the next hop: hop-by-hop
+    fields, framing fields and the parser's watched names are left out (fields
+    named in ``conn_tokens`` still need removing)."""
+    picked: dict[bytes, bytes]
+    """Values of the parser's watched fields by lower-cased name (repeats joined by ", ")."""
+    conn_tokens: frozenset[bytes]
+    """Field names listed in Connection other than close, keep-alive and upgrade."""
 
     def __init__(
         self,
@@ -68,6 +80,9 @@ class RequestHead:
         """The Upgrade header value when the client asks to switch protocols."""
         self.expect_continue = expect_continue
         """The client sent ``Expect: 100-continue``."""
+        self.lines = []
+        self.picked = {}
+        self.conn_tokens = frozenset()
 
     def __repr__(self) -> str:
         return f"RequestHead({self.method!r}, {self.target!r}, framing={self.framing})"
@@ -77,10 +92,12 @@ class ResponseHead:
     """A status line and header section, validated."""
 
     __slots__ = (
+        "conn_tokens",
         "content_length",
         "framing",
         "headers",
         "keep_alive",
+        "lines",
         "reason",
         "status",
         "transfer_encoding",
@@ -115,6 +132,10 @@ class ResponseHead:
         (on HEAD or 304) or -1 when none was."""
         self.transfer_encoding = transfer_encoding
         """The Transfer-Encoding value when framing is CHUNKED."""
+        self.lines: list[bytes] = []
+        """End-to-end header lines, as in RequestHead."""
+        self.conn_tokens: frozenset[bytes] = frozenset()
+        """Extra field names listed in Connection, as in RequestHead."""
 
     def __repr__(self) -> str:
         return f"ResponseHead({self.status}, framing={self.framing})"

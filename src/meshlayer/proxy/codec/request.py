@@ -28,6 +28,7 @@ from meshlayer.proxy.codec.events import (
     RequestHead,
     TunnelData,
 )
+from meshlayer.proxy.codec.serialize import CLASSIFY, CONNECTION, OTHER, named_by_connection
 
 MAX_HEADER_BYTES = 60 * 1024
 MAX_HEADERS = 100
@@ -47,6 +48,7 @@ class RequestParser:
     __slots__ = (
         "_chunked",
         "_clen",
+        "_conn_tokens",
         "_events",
         "_expect",
         "_head_bytes",
@@ -56,21 +58,30 @@ class RequestParser:
         "_hosts",
         "_in_head",
         "_in_trailers",
+        "_lines",
         "_max_header_bytes",
         "_max_headers",
         "_parser",
+        "_picked",
         "_raised",
         "_te",
         "_trailers",
         "_upgrade",
         "_url",
+        "_watch",
         "error",
         "tunnel",
     )
 
     def __init__(
-        self, max_header_bytes: int = MAX_HEADER_BYTES, max_headers: int = MAX_HEADERS
+        self,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+        max_headers: int = MAX_HEADERS,
+        watch: frozenset[bytes] = frozenset(),
     ) -> None:
+        """``watch``: lower-cased field names to hand out in ``RequestHead.picked``
+        instead of ``lines`` (fields the caller rewrites)."""
+        self._watch = watch
         self._parser = httptools.HttpRequestParser(self)
         self._max_header_bytes = max_header_bytes
         self._max_headers = max_headers
@@ -84,6 +95,9 @@ class RequestParser:
     def _reset_message(self) -> None:
         self._url = b""
         self._headers: Headers = []
+        self._lines: list[bytes] = []
+        self._picked: dict[bytes, bytes] = {}
+        self._conn_tokens: frozenset[bytes] = frozenset()
         self._head_bytes = 0
         self._head_raw = 0
         self._clen = -1
@@ -161,17 +175,26 @@ class RequestParser:
         if self._head_bytes > self._max_header_bytes:
             raise self._fail(431, "request header section too large")
         lname = name.lower()
-        if lname == b"host":
-            self._hosts += 1
-            self._host = value
+        kind = CLASSIFY.get(lname, OTHER)
+        if kind == OTHER:
+            if lname in self._watch:
+                old = self._picked.get(lname)
+                self._picked[lname] = value if old is None else old + b", " + value
+            elif lname[:6] != b"proxy-":
+                self._lines.append(name + b": " + value)
+                if lname == b"host":
+                    self._hosts += 1
+                    self._host = value
+                elif lname == b"expect" and value.lower() == b"100-continue":
+                    self._expect = True
         elif lname == b"content-length":
             self._clen = int(value)  # llhttp has checked it is digits only, and single
         elif lname == b"transfer-encoding":
             self._te = value
         elif lname == b"upgrade":
             self._upgrade = value
-        elif lname == b"expect" and value.lower() == b"100-continue":
-            self._expect = True
+        elif kind == CONNECTION:
+            self._conn_tokens |= named_by_connection(value)
 
     def on_headers_complete(self) -> None:
         p = self._parser
@@ -194,21 +217,23 @@ class RequestParser:
             framing, length = NO_BODY, 0
         upgrade = self._upgrade if p.should_upgrade() else None
         self._in_trailers = framing == CHUNKED
-        self._events.append(
-            RequestHead(
-                method,
-                self._url,
-                version,
-                self._headers,
-                p.should_keep_alive(),
-                framing,
-                length,
-                self._te,
-                self._host,
-                upgrade,
-                self._expect,
-            )
+        head = RequestHead(
+            method,
+            self._url,
+            version,
+            self._headers,
+            p.should_keep_alive(),
+            framing,
+            length,
+            self._te,
+            self._host,
+            upgrade,
+            self._expect,
         )
+        head.lines = self._lines
+        head.picked = self._picked
+        head.conn_tokens = self._conn_tokens
+        self._events.append(head)
 
     def on_body(self, body: bytes) -> None:
         self._events.append(Body(body))

@@ -31,6 +31,7 @@ from meshlayer.proxy.codec.events import (
     TunnelData,
 )
 from meshlayer.proxy.codec.request import MAX_HEADER_BYTES, MAX_HEADERS
+from meshlayer.proxy.codec.serialize import CLASSIFY, CONNECTION, OTHER, named_by_connection
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
@@ -41,6 +42,7 @@ class ResponseParser:
     __slots__ = (
         "_buf",
         "_clen",
+        "_conn_tokens",
         "_events",
         "_expecting",
         "_head_bytes",
@@ -48,6 +50,7 @@ class ResponseParser:
         "_headers",
         "_in_body",
         "_in_trailers",
+        "_lines",
         "_parser",
         "_raised",
         "_reason",
@@ -73,6 +76,8 @@ class ResponseParser:
 
     def _reset_message(self) -> None:
         self._headers: Headers = []
+        self._lines: list[bytes] = []
+        self._conn_tokens: frozenset[bytes] = frozenset()
         self._reason = b""
         self._clen = -1
         self._te = b""
@@ -185,10 +190,16 @@ class ResponseParser:
         if len(self._headers) > MAX_HEADERS:
             raise self._fail(f"upstream sent more than {MAX_HEADERS} header fields")
         lname = name.lower()
-        if lname == b"content-length":
+        kind = CLASSIFY.get(lname, OTHER)
+        if kind == OTHER:
+            if lname[:6] != b"proxy-":
+                self._lines.append(name + b": " + value)
+        elif lname == b"content-length":
             self._clen = int(value)
         elif lname == b"transfer-encoding":
             self._te = value
+        elif kind == CONNECTION:
+            self._conn_tokens |= named_by_connection(value)
 
     def on_headers_complete(self) -> None:
         p = self._parser
@@ -210,18 +221,19 @@ class ResponseParser:
             keep_alive = False
         self._in_trailers = framing == CHUNKED
         self._in_body = framing == UNTIL_CLOSE
-        self._events.append(
-            ResponseHead(
-                status,
-                self._reason,
-                version,
-                self._headers,
-                keep_alive,
-                framing,
-                length,
-                self._te,
-            )
+        head = ResponseHead(
+            status,
+            self._reason,
+            version,
+            self._headers,
+            keep_alive,
+            framing,
+            length,
+            self._te,
         )
+        head.lines = self._lines
+        head.conn_tokens = self._conn_tokens
+        self._events.append(head)
         if self._head_request and not (100 <= status < 200):
             # llhttp would wait for a body: end the message here and start afresh.
             self._finish(keep_alive)

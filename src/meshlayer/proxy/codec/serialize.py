@@ -28,6 +28,25 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+# How the parsers treat a header field by lower-cased name (anything else is end-to-end).
+OTHER, DROP, CONNECTION = 0, 1, 2
+CLASSIFY: dict[bytes, int] = dict.fromkeys(HOP_BY_HOP, DROP)
+CLASSIFY[b"connection"] = CONNECTION
+STANDARD_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
+def named_by_connection(value: bytes) -> frozenset[bytes]:
+    """Field names a Connection value lists, other than the standard tokens."""
+    tokens = {t.strip().lower() for t in value.split(b",")}
+    tokens.discard(b"")
+    return frozenset(tokens - STANDARD_TOKENS)
+
+
+def without(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """``lines`` minus the fields in ``names`` (lower-cased)."""
+    return [line for line in lines if line.split(b":", 1)[0].lower() not in names]
+
+
 CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 
