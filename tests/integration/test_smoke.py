@@ -10,9 +10,9 @@ from tests.support.procs import Cluster, request, service_yaml
 def test_host_and_absolute_form_reach_the_service(cluster: Cluster) -> None:
     up = cluster.upstream("catalog")
     sc = cluster.sidecar(service_yaml("catalog", [up.address]))
-    status, headers, body = request(sc.outbound, path="/id", host="catalog")
+    status, _, body = request(sc.outbound, path="/id", host="catalog")
     assert (status, body) == (200, b"catalog")
-    status, headers, body = request(sc.outbound, path="http://catalog/headers", host="catalog")
+    status, _, body = request(sc.outbound, path="http://catalog/headers", host="catalog")
     assert status == 200
     seen = json.loads(body)
     assert seen["target"] == "/headers"  # absolute-form became origin-form

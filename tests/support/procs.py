@@ -252,3 +252,121 @@ def raw(port: int, data: bytes, timeout: float = 5.0, until_close: bool = True) 
             if not until_close:
                 break
         return b"".join(chunks)
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident set size of a process (VmRSS from /proc/<pid>/status), in bytes."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class RssSampler:
+    """Samples a process's RSS every ``interval`` seconds in a thread; ``peak`` is the max.
+
+    Use as a context manager around the work to watch.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        import threading
+
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, rss_bytes(self.pid))
+                self.samples += 1
+            except OSError:
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        try:
+            self.peak = max(self.peak, rss_bytes(self.pid))
+        except OSError:
+            pass
+
+
+def upstream_with(cluster: Cluster, name: str, *flags: str, port: int | None = None) -> Upstream:
+    """Like ``cluster.upstream`` with extra upstream_app flags, e.g.
+    ``upstream_with(cluster, "slow", "--delay-ms", "50")`` or ``"--fail-status", "503"``."""
+    port = port or free_port()
+    proc = Proc(
+        f"upstream-{name}-{port}",
+        [
+            sys.executable,
+            "-m",
+            "tests.support.upstream_app",
+            "--port",
+            str(port),
+            "--name",
+            name,
+            *flags,
+        ],
+        cluster.tmp,
+    )
+    cluster.procs.append(proc)
+    wait_port(port, proc=proc)
+    return Upstream(proc, port, name)
+
+
+def parallel(
+    calls: list[Any], timeout: float = 10.0
+) -> list[tuple[float, tuple[int, dict[str, str], bytes]]]:
+    """Run zero-argument callables at once (released together by a barrier); returns
+    ``(seconds, result)`` per call, in order."""
+    import threading
+
+    barrier = threading.Barrier(len(calls))
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        barrier.wait(timeout)
+        t0 = time.monotonic()
+        try:
+            out: Any = calls[i]()
+        except Exception as exc:  # reported to the caller, not swallowed
+            out = exc
+        results[i] = (time.monotonic() - t0, out)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    for r in results:
+        if r is None:
+            raise TimeoutError(f"a parallel call did not finish within {timeout}s")
+        if isinstance(r[1], Exception):
+            raise r[1]
+    return results
+
+
+def run_meshlayer(
+    args: list[str], timeout: float = 20.0, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m meshlayer ARGS`` to completion; output captured as text."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", "meshlayer", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(cwd or ROOT),
+        env=env,
+    )

@@ -4,7 +4,8 @@ It parses with h11 (an independent HTTP/1.1 implementation, so it doubles as
 an oracle for what the sidecar forwards) and behaves by path:
 
   /id                 200, body = this server's --name
-  /echo               200, echoes the request body (streamed, chunked out)
+  /echo               200, echoes the request body (streamed, chunked out) and its
+                      trailers; sends 100 Continue first on Expect: 100-continue
   /headers            200, JSON of the request line and headers received
   /status/<code>      that status, body "status <code>"
   /delay/<ms>         200 after <ms> milliseconds
@@ -12,9 +13,13 @@ an oracle for what the sidecar forwards) and behaves by path:
   /sink               200 with the number of body bytes received
   /close              closes the connection without answering
   /bad-framing        answers with Content-Length and Transfer-Encoding both
+  /bad-framing-open   the same, then keeps the connection open without answering
   /ws                 101 when asked to upgrade, then echoes raw bytes
   /stats              JSON: connections, requests and raw bytes received so far
   (anything else)     200 "ok"
+
+Flags ``--delay-ms N`` (delay every response) and ``--fail-status CODE``
+(answer every request but /stats with CODE) make slow or failing replicas.
 
 Every raw byte received is counted, so a test can check that a refused request
 never reached the upstream.
@@ -31,6 +36,8 @@ import h11
 
 STATS = {"connections": 0, "requests": 0, "bytes": 0, "paths": []}
 NAME = "upstream"
+DELAY_MS = 0  # --delay-ms: every response is delayed this long
+FAIL_STATUS = 0  # --fail-status: every request except /stats gets this status
 CHUNK = 256 * 1024
 
 
@@ -100,9 +107,13 @@ async def route(
     conn: h11.Connection,
 ) -> bool:
     """Answer one request; False closes the connection."""
+    if DELAY_MS:
+        await asyncio.sleep(DELAY_MS / 1000)
+    if FAIL_STATUS and path != "/stats":
+        path = f"/status/{FAIL_STATUS}"
     if path == "/close":
         return False
-    if path == "/bad-framing":
+    if path in ("/bad-framing", "/bad-framing-open"):
         async for _ in _body(reader, conn):
             pass
         writer.write(
@@ -110,6 +121,9 @@ async def route(
             b"5\r\nhello\r\n0\r\n\r\n"
         )
         await writer.drain()
+        if path == "/bad-framing-open":  # then holds the connection open, answering nothing
+            while data := await reader.read(CHUNK):
+                STATS["bytes"] += len(data)
         return False
     if path == "/ws":
         headers = {k.lower(): v for k, v in req.headers}
@@ -133,10 +147,18 @@ async def route(
             await writer.drain()
         return False
     if path == "/echo":
+        if conn.they_are_waiting_for_100_continue:  # Expect: 100-continue
+            await _send(
+                writer,
+                conn,
+                h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"),
+            )
         await _send(writer, conn, _resp(200, [("transfer-encoding", "chunked")]))
-        async for piece in _body(reader, conn):
-            await _send(writer, conn, h11.Data(data=piece))
-        await _send(writer, conn, h11.EndOfMessage())
+        while isinstance(ev := await _next(reader, conn), h11.Data):
+            await _send(writer, conn, h11.Data(data=bytes(ev.data)))
+        # the request's trailer fields come back as the response's
+        trailers = list(ev.headers) if isinstance(ev, h11.EndOfMessage) else []
+        await _send(writer, conn, h11.EndOfMessage(headers=trailers))
         return True
     total = 0
     async for piece in _body(reader, conn):
@@ -197,6 +219,10 @@ if __name__ == "__main__":
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--name", default="upstream")
+    ap.add_argument("--delay-ms", type=int, default=0, help="delay every response")
+    ap.add_argument("--fail-status", type=int, default=0, help="answer everything so")
     a = ap.parse_args()
     NAME = a.name
+    DELAY_MS = a.delay_ms
+    FAIL_STATUS = a.fail_status
     asyncio.run(main(a.host, a.port))

@@ -36,7 +36,7 @@ def test_p2c_ewma_prefers_the_fast_endpoint() -> None:
 def test_outlier_ejection_backoff_and_cap() -> None:
     od = OutlierDetection(consecutive_failures=3, base_ejection=10, max_ejected_percent=50)
     b = Balancer(EPS, "round-robin", od)
-    a, c, d, e = b.states
+    a, c, d, _e = b.states
     for _ in range(3):
         b.report(a, False, 0.01)
     assert a.ejected and b.ejected_count == 1

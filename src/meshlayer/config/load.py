@@ -113,8 +113,10 @@ class _Reader:
             seconds = float(m.group(1)) * _UNITS[m.group(2)]
         else:
             raise self.error(key, f"must be a duration like 250ms, 5s or 1m, got {value!r}")
-        if seconds <= 0:
+        if not seconds > 0:  # NaN too: it would never fire
             raise self.error(key, f"must be positive, got {value!r}")
+        if seconds == float("inf"):
+            raise self.error(key, f"must be finite, got {value!r}")
         return seconds
 
     def items(self, key: str) -> list[_Reader | object]:
@@ -141,7 +143,10 @@ def parse_address(text: str) -> tuple[str, int]:
         host, sep, port = text[1:].partition("]:")
         if not sep:
             raise ValueError(f"{text!r} is not [IPv6]:PORT")
-        ipaddress.IPv6Address(host)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as exc:
+            raise ValueError(f"{text!r} has no valid IPv6 address in brackets: {exc}") from None
     else:
         host, sep, port = text.rpartition(":")
         if not sep or not host:

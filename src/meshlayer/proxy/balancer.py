@@ -54,8 +54,13 @@ class EndpointState:
         return self.ejected_until > 0.0
 
     def cost(self, now: float) -> float:
-        """Peak-EWMA latency weighted by load, decayed to ``now``."""
-        return self.ewma * (self.in_flight + 1)
+        """Peak-EWMA latency weighted by load, decayed to ``now``.
+
+        An unused endpoint's estimate decays toward zero, so one that was charged a
+        failure penalty is tried again in time rather than starved forever.
+        """
+        w = math.exp(-max(now - self.last_sample, 0.0) / DECAY)
+        return self.ewma * w * (self.in_flight + 1)
 
     def observe(self, seconds: float, now: float) -> None:
         """Fold one latency sample into the peak-EWMA."""

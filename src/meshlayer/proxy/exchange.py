@@ -327,6 +327,11 @@ class Exchange:
     def on_tunnel_up(self, data: bytes) -> None:
         self.down.write(data)
 
+    def on_tunnel_eof(self) -> None:
+        """The client half-closed the tunnel: half-close the upstream side too."""
+        if self.tunnel and self.conn is not None:
+            self.conn.write_eof()
+
     # -- the response, from the upstream connection ----------------------------
 
     def on_response_head(self, resp: ResponseHead) -> None:
@@ -373,6 +378,8 @@ class Exchange:
             if conn is not None:
                 for piece in self.tunnel_buf:
                     conn.write(piece)
+                if down.eof:  # the client half-closed before the switch
+                    conn.write_eof()
             self.tunnel_buf = []
             return
         http11 = self.head.version == b"1.1"

@@ -239,6 +239,8 @@ class DownstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         # The client is done sending. Let a request in flight finish; close otherwise.
         self.eof = True
+        if self.parser.tunnel and self.queue:
+            self.queue[-1].on_tunnel_eof()  # a half-close travels through a tunnel
         return bool(self.queue)
 
     def pause_writing(self) -> None:

@@ -194,7 +194,8 @@ class Sidecar:
         )
 
     def _watch_pool(self, rt: ServiceRuntime) -> None:
-        gauge = self.metrics.connections.labels("upstream", rt.name)
+        name = rt.name if rt is not self.app else f"{rt.name}(app)"  # as in _state
+        gauge = self.metrics.connections.labels("upstream", name)
         rt.pool.on_change = gauge.inc
 
     async def _sweep(self) -> None:
@@ -261,8 +262,8 @@ def options_from_args(args: argparse.Namespace) -> SidecarOptions:
         ("--header-timeout", args.header_timeout),
         ("--idle-timeout", args.idle_timeout),
     ):
-        if value <= 0:
-            raise ConfigError("command line", flag, f"must be positive, got {value}")
+        if not 0 < value < float("inf"):  # argparse's float() also takes nan and inf
+            raise ConfigError("command line", flag, f"must be positive and finite, got {value}")
     return SidecarOptions(
         service=args.service,
         app=addr("--app", args.app),

@@ -68,6 +68,11 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
+    def write_eof(self) -> None:
+        """Half-close: the peer reads an end of stream, and may still answer."""
+        if self.transport is not None and not self.closed and self.transport.can_write_eof():
+            self.transport.write_eof()
+
     def pause_reading(self) -> None:
         if self.transport is not None and not self.reading_paused and not self.closed:
             self.reading_paused = True
