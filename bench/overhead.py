@@ -6,6 +6,9 @@ What is compared, in one run, against the same upstream:
 * ``direct``    -- the load generator talks to the upstream itself (the baseline);
 * ``meshlayer`` -- through one meshlayer sidecar: its outbound listener, routing by
   ``Host: upstream`` to a ``meshed: false`` endpoint;
+* ``minimal``   -- bench/minimal_forwarder.py: a uvloop + httptools keep-alive
+  forwarder with no features, the floor of a Python proxy on this machine (what
+  meshlayer costs beyond it is the price of its features);
 * ``nginx``     -- nginx as a reverse proxy, 1 worker, upstream keep-alive;
 * ``haproxy``   -- haproxy as a reverse proxy, ``nbthread 1``, ``http-reuse always``.
 
@@ -83,7 +86,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LOADGEN_SRC = HERE / "loadgen.c"
 
-ALL_TARGETS = ("direct", "meshlayer", "nginx", "haproxy")
+ALL_TARGETS = ("direct", "meshlayer", "minimal", "nginx", "haproxy")
+MINIMAL_FORWARDER = HERE / "minimal_forwarder.py"
 SERVICE_HOST = "upstream"  # the Host header: the sidecar routes by it
 RATES = (2000, 5000)
 WRK_THREADS = 1
@@ -471,6 +475,14 @@ def start_target(env: Env, target: str) -> Running:
         ]  # fmt: skip
         proc = spawn("meshlayer", env.pin(env.proxy_cpu, cmd), env.workdir)
         wait_http_200(proc, admin, "localhost", "/ready")
+    elif target == "minimal":
+        assert env.python is not None
+        cmd = [
+            env.python, str(MINIMAL_FORWARDER),
+            "--listen", f"127.0.0.1:{port}",
+            "--upstream", f"127.0.0.1:{env.upstream_port}",
+        ]  # fmt: skip
+        proc = spawn("minimal", env.pin(env.proxy_cpu, cmd), env.workdir)
     else:
         raise ValueError(target)
     try:
@@ -861,6 +873,18 @@ def targets_check(summary: dict[str, Any]) -> list[str]:
             )
     else:
         lines.append("  info  nginx not measured: ratio targets not evaluated")
+    if "minimal" in summary:
+        mn = summary["minimal"]
+        r = ratio(ml["rps"], mn["rps"])
+        c = ratio(ml["cpu_us_per_req"], mn["cpu_us_per_req"])
+        parts = [
+            "n/a" if r is None else f"{r:.2f}x its req/s",
+            "n/a" if c is None else f"{c:.2f}x its CPU µs/req",
+        ]
+        if "nginx" in summary:
+            rn = ratio(mn["rps"], summary["nginx"]["rps"])
+            parts.append("n/a" if rn is None else f"minimal itself {rn:.2f}x nginx req/s")
+        lines.append("  info  meshlayer vs the minimal Python forwarder: " + ", ".join(parts))
     idle = ml["idle_rss_mib"]
     ok = None if idle is None else idle.median < TARGET_IDLE_RSS_MIB
     shown = "n/a" if idle is None else f"{idle.median:.1f} MiB"
@@ -933,10 +957,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     tools = ensure_tools()
     targets: list[str] = args.targets
-    python = meshlayer_python() if "meshlayer" in targets else None
-    if "meshlayer" in targets and python is None:
-        log("meshlayer is not importable (pip install -e .): skipping the meshlayer target")
-        targets = [t for t in targets if t != "meshlayer"]
+    pythonic = {"meshlayer", "minimal"}
+    python = meshlayer_python() if pythonic & set(targets) else None
+    if pythonic & set(targets) and python is None:
+        log("meshlayer is not importable (pip install -e .): skipping meshlayer and minimal")
+        targets = [t for t in targets if t not in pythonic]
     cpus = os.sched_getaffinity(0)
     if not {args.proxy_cpu, args.load_cpu} <= cpus or args.proxy_cpu == args.load_cpu:
         raise SystemExit(f"need two distinct CPUs among {sorted(cpus)} (--proxy-cpu/--load-cpu)")

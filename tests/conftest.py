@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.etcd import EtcdCluster, etcd_binary, start_cluster
 from tests.support.procs import Cluster
 
 
@@ -16,3 +17,15 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop_all()
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One 3-member etcd cluster for the session; tests keep apart by key prefix."""
+    if etcd_binary() is None:
+        pytest.skip("etcd not installed (`make test` installs Debian's etcd-server)")
+    c = start_cluster(tmp_path_factory.mktemp("etcd"))
+    try:
+        yield c
+    finally:
+        c.stop()

@@ -160,10 +160,11 @@ outlierDetection: {consecutiveFailures: 2, baseEjectionTime: 1s}
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(60)
 def test_p2c_ewma_returns_traffic_to_a_replica_that_failed_once(cluster: Cluster) -> None:
-    """Under the default policy a connect failure charges a latency penalty; the estimate
-    must decay while the replica is unused, or one failure starves it forever."""
+    """Under the default policy a connect failure charges a penalty that moves traffic
+    away at once; it must decay within seconds, or one failure starves the replica
+    (with the penalty folded into the 10 s latency EWMA it took about a minute)."""
     good = cluster.upstream("good")
     port = free_port()
     sc = cluster.sidecar(service_yaml("svc", [good.address, f"127.0.0.1:{port}"]))
@@ -175,12 +176,14 @@ def test_p2c_ewma_returns_traffic_to_a_replica_that_failed_once(cluster: Cluster
         pytest.fail("the never-used replica was never tried")
     assert sc.metric("meshlayer_ejected_endpoints", service="svc") == 0
     cluster.upstream("back", port=port)
-    deadline = time.monotonic() + 150
+    back_at = time.monotonic()
+    deadline = back_at + 12
     seen: Counter[str] = Counter()
     while time.monotonic() < deadline and not seen["back"]:
         seen += _ids(sc, 1)
         time.sleep(0.02)
-    assert seen["back"] >= 1, f"replica got no traffic in 150 s after one failure: {seen}"
+    took = time.monotonic() - back_at
+    assert seen["back"] >= 1, f"replica got no traffic in {took:.0f} s after one failure: {seen}"
 
 
 def test_p2c_ewma_does_not_starve_either_of_two_equal_upstreams(cluster: Cluster) -> None:

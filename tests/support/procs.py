@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,10 +21,24 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# Ports for test listeners come from below the kernel's ephemeral range (32768+ by
+# default), so an outgoing connection of some other test cannot take a port
+# between the moment it is picked here and the moment a child process binds it.
+_PORTS = list(range(20000, 32000))
+random.Random(os.getpid()).shuffle(_PORTS)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port nobody listens on now, not handed out before in this run."""
+    while _PORTS:
+        port = _PORTS.pop()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("ran out of test ports")
 
 
 def wait_port(port: int, timeout: float = 10.0, proc: Proc | None = None) -> None:
@@ -156,15 +171,23 @@ class Cluster:
 
     def sidecar(
         self,
-        config: str | Path,
+        config: str | Path | None,
         service: str = "client",
         app: str = "127.0.0.1:9",
         extra: list[str] | None = None,
         wait: bool = True,
+        control: str | None = None,
     ) -> Sidecar:
+        """``control``: a control plane URL (``--control``); the state dir defaults to
+        one per sidecar under the test's tmp dir unless ``extra`` names one."""
         if isinstance(config, str):
             config = self.write_config(config, f"mesh-{len(self.procs)}.yaml")
         outbound, inbound, admin = free_port(), free_port(), free_port()
+        flags = ["--config", str(config)] if config is not None else []
+        if control is not None:
+            flags += ["--control", control]
+            if "--state-dir" not in (extra or []):
+                flags += ["--state-dir", str(self.tmp / f"state-{service}-{outbound}")]
         argv = [
             sys.executable,
             "-m",
@@ -180,8 +203,7 @@ class Cluster:
             f"127.0.0.1:{inbound}",
             "--admin",
             f"127.0.0.1:{admin}",
-            "--config",
-            str(config),
+            *flags,
             *(extra or []),
         ]
         proc = Proc(f"sidecar-{service}-{outbound}", argv, self.tmp)

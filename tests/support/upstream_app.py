@@ -16,6 +16,7 @@ an oracle for what the sidecar forwards) and behaves by path:
   /bad-framing-open   the same, then keeps the connection open without answering
   /ws                 101 when asked to upgrade, then echoes raw bytes
   /stats              JSON: connections, requests and raw bytes received so far
+  /health             200, or 503 while the file named by --health-file exists
   (anything else)     200 "ok"
 
 Flags ``--delay-ms N`` (delay every response) and ``--fail-status CODE``
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 
 import h11
@@ -38,6 +40,7 @@ STATS = {"connections": 0, "requests": 0, "bytes": 0, "paths": []}
 NAME = "upstream"
 DELAY_MS = 0  # --delay-ms: every response is delayed this long
 FAIL_STATUS = 0  # --fail-status: every request except /stats gets this status
+HEALTH_FILE = ""  # --health-file: /health answers 503 while this file exists
 CHUNK = 256 * 1024
 
 
@@ -185,6 +188,8 @@ async def route(
         body = str(total).encode()
     elif path == "/stats":
         body = json.dumps(STATS).encode()
+    elif path == "/health" and HEALTH_FILE and os.path.exists(HEALTH_FILE):
+        status, body = 503, b"unhealthy"
     elif path.startswith("/bytes/"):
         n = int(path.split("/")[2])
         await _send(writer, conn, _resp(200, [("content-length", str(n))]))
@@ -221,8 +226,10 @@ if __name__ == "__main__":
     ap.add_argument("--name", default="upstream")
     ap.add_argument("--delay-ms", type=int, default=0, help="delay every response")
     ap.add_argument("--fail-status", type=int, default=0, help="answer everything so")
+    ap.add_argument("--health-file", default="", help="/health fails while this file exists")
     a = ap.parse_args()
     NAME = a.name
     DELAY_MS = a.delay_ms
     FAIL_STATUS = a.fail_status
+    HEALTH_FILE = a.health_file
     asyncio.run(main(a.host, a.port))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 
 from meshlayer.config.model import Endpoint, OutlierDetection
@@ -54,6 +55,28 @@ def test_outlier_ejection_backoff_and_cap() -> None:
         b.report(a, False, 0.01)
     # a second ejection lasts longer (doubling backoff); the cap was not reached
     assert a.ejections == 2 and a.ejected_until - first > 5
+
+
+def test_p2c_ewma_failure_penalty_moves_away_at_once_and_expires_in_seconds() -> None:
+    """One fast failure: no traffic for a few seconds, back within ~10 s (not a minute)."""
+    b = Balancer(EPS[:2], "p2c-ewma", OutlierDetection(consecutive_failures=99), random.Random(1))
+    failed, healthy = b.states
+    now = time.monotonic()
+    for s in b.states:  # both measured at 1 ms, just now
+        s.ewma, s.last_sample = 0.001, now
+    b.report(failed, False, 0.0001, now)  # a refused connect: fast
+    assert failed.ewma == 0.001  # a fast failure does not make it look fast
+    assert all(b.pick() is healthy for _ in range(100))
+
+    def later(seconds: float) -> None:  # time passes for the unused replica only
+        failed.failed_at = now - seconds
+        failed.last_sample = now - seconds
+        healthy.last_sample = time.monotonic()
+
+    later(3.0)
+    assert all(b.pick() is healthy for _ in range(100))
+    later(8.0)
+    assert all(b.pick() is failed for _ in range(100))
 
 
 def test_exclude_avoids_tried_endpoints() -> None:

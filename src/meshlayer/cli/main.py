@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from meshlayer import __version__
+from meshlayer.cli.control import add_parser as add_control_parser
+from meshlayer.cli.resources import add_parsers as add_resource_parsers
 
 
 def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -49,7 +52,45 @@ def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="HOST:PORT",
         help="admin listener: /ready /live /metrics /config (default: %(default)s)",
     )
-    p.add_argument("--config", required=True, metavar="FILE", help="YAML config (kind: Service)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config (Service, HTTPRoute); required without --control, which "
+        "uses it only until the first snapshot when there is no saved copy",
+    )
+    p.add_argument(
+        "--control",
+        metavar="URL[,URL...]",
+        default=os.environ.get("MESHLAYER_CONTROL"),
+        help="follow this control plane: register, watch, apply pushed config; several "
+        "URLs (control processes over one etcd store) are tried in turn when one fails "
+        "(default: $MESHLAYER_CONTROL, else none: static --config only)",
+    )
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where the last good pushed config is saved (default: ./.meshlayer/sidecar-SERVICE)",
+    )
+    p.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="inbound address registered for peers to dial (default: --inbound, "
+        "with 127.0.0.1 for a wildcard host)",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="registration lease, renewed every third of it (default: %(default)s)",
+    )
+    p.add_argument(
+        "--reconnect-max",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="longest wait between control-plane reconnects (default: %(default)s)",
+    )
     p.add_argument(
         "--grace",
         type=float,
@@ -94,9 +135,12 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "demo",
         help="run the demo mesh: services with sidecars, some traffic, a summary table",
         description=(
-            "Start a small microservice app (a frontend calling two backends, one of "
-            "them with two replicas), each instance with its own sidecar, send traffic "
-            "through the mesh, print a table and stay up until Ctrl-C."
+            "Start a control plane (SQLite store under .meshlayer/demo/), apply the "
+            "demo's mesh config (.meshlayer/demo/mesh.yaml) through its API, then a small "
+            "microservice app (a frontend calling two backends, one of them in two "
+            "versions split by an HTTPRoute), each instance with its own sidecar following "
+            "the control plane; send traffic through the mesh, print a table and stay up "
+            "until Ctrl-C."
         ),
     )
     p.add_argument(
@@ -133,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_sidecar(sub)
     _add_demo(sub)
+    add_control_parser(sub)
+    add_resource_parsers(sub)
     return parser
 
 

@@ -14,15 +14,18 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
 from meshlayer.config.errors import ConfigError
+from meshlayer.config.httproute import check_refs, parse_http_route
 from meshlayer.config.model import (
     LB_POLICIES,
     CircuitBreaker,
     Endpoint,
+    HealthCheck,
+    HTTPRoute,
     MeshConfig,
     OutlierDetection,
     RetryPolicy,
@@ -31,7 +34,7 @@ from meshlayer.config.model import (
 )
 
 API_VERSION = "meshlayer/v1"
-KINDS = ("Service",)
+KINDS = ("Service", "HTTPRoute")
 
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
@@ -125,6 +128,11 @@ class _Reader:
             raise self.error(key, f"must be a list, got {_typename(value)}")
         return list(value)
 
+    def each(self, key: str) -> list[_Reader]:
+        """Readers for the mappings of a list field (``key[0]``, ``key[1]``, ...)."""
+        base = self._sub(key)
+        return [_Reader(self.doc, f"{base}[{i}]", v) for i, v in enumerate(self.items(key))]
+
     def finish(self) -> None:
         """Unknown fields are errors."""
         for key in self.data:
@@ -210,14 +218,47 @@ def _service(r: _Reader, name: str) -> Service:
         max_ejected_percent=od.number("maxEjectionPercent", 50.0, 0.0, 100.0),
     )
     od.finish()
+    health = _health_check(spec) if spec.has("healthCheck") else None
     spec.finish()
-    return Service(name, tuple(endpoints), policy, timeouts, retries, breaker, outlier)
+    return Service(name, tuple(endpoints), policy, timeouts, retries, breaker, outlier, health)
 
 
-def parse_documents(docs: Iterable[object], source: str) -> list[Service]:
-    """Validate already-parsed YAML documents. Raises ConfigError."""
+def _health_check(spec: _Reader) -> HealthCheck:
+    hc = spec.child("healthCheck")
+    path = hc.string("path", "/healthz")
+    if not path.startswith("/") or any(c.isspace() or ord(c) < 0x21 for c in path):
+        raise hc.error("path", f"must be an absolute path without spaces, got {path!r}")
+    check = HealthCheck(
+        path=path,
+        interval=hc.duration("interval", 5.0),
+        timeout=hc.duration("timeout", 1.0),
+        unhealthy_threshold=hc.integer("unhealthyThreshold", 3, 1),
+        healthy_threshold=hc.integer("healthyThreshold", 2, 1),
+    )
+    hc.finish()
+    return check
+
+
+class Resources(NamedTuple):
+    """The validated resources of a set of documents, in document order."""
+
+    services: list[Service]
+    """``kind: Service`` documents."""
+    routes: list[HTTPRoute]
+    """``kind: HTTPRoute`` documents."""
+
+
+def parse_documents(docs: Iterable[object], source: str, *, strict_refs: bool = True) -> Resources:
+    """Validate already-parsed YAML documents. Raises ConfigError.
+
+    ``strict_refs``: an HTTPRoute's parentRefs and backendRefs must name a
+    Service among ``docs`` (a static file); off for control-plane documents,
+    whose registry may supply the services later.
+    """
     services: list[Service] = []
-    names: set[str] = set()
+    routes: list[HTTPRoute] = []
+    route_docs: list[str] = []
+    names: set[tuple[str, str]] = set()
     for index, raw in enumerate(docs, 1):
         if raw is None:  # an empty document between two `---`
             continue
@@ -237,29 +278,42 @@ def parse_documents(docs: Iterable[object], source: str) -> list[Service]:
             )
         meta.get("labels")
         meta.get("namespace")
+        if meta.has("resourceVersion"):  # stamped by the control plane; informational
+            meta.integer("resourceVersion", 0)
         meta.finish()
         r = _Reader(f"{label} ({kind}/{name})", "", raw)
         for key in ("apiVersion", "kind", "metadata"):
             r.get(key)
-        if name in names:
+        if (kind, name) in names:
             raise r.error("metadata.name", f"duplicate {kind} {name!r}")
-        names.add(name)
-        services.append(_service(r, name))
+        names.add((kind, name))
+        if kind == "HTTPRoute":
+            routes.append(parse_http_route(r, name))
+            route_docs.append(r.doc)
+        else:
+            services.append(_service(r, name))
         r.finish()
-    return services
+    if strict_refs:
+        defined = {s.name for s in services}
+        for route, doc in zip(routes, route_docs, strict=True):
+            check_refs(route, defined, doc)
+    return Resources(services, routes)
 
 
-def load_documents(text: str, source: str) -> MeshConfig:
-    """Parse a YAML text of one or more documents into a MeshConfig."""
+def load_documents(text: str, source: str, *, strict_refs: bool = True) -> MeshConfig:
+    """Parse a YAML text of one or more documents into a MeshConfig.
+
+    ``strict_refs`` as in :func:`parse_documents` (on for files).
+    """
     try:
         docs = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(source, "", f"not valid YAML{where}: {exc}") from None
-    services = parse_documents(docs, source)
+    services, routes = parse_documents(docs, source, strict_refs=strict_refs)
     version = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return MeshConfig({s.name: s for s in services}, version, source)
+    return MeshConfig({s.name: s for s in services}, version, source, tuple(routes))
 
 
 def load_file(path: str | Path) -> MeshConfig:

@@ -82,6 +82,22 @@ class OutlierDetection:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active health checks, run by the control plane (the sidecar ignores them)."""
+
+    path: str = "/healthz"
+    """HTTP path requested with GET on each endpoint; a 2xx answer is a pass."""
+    interval: float = 5.0
+    """Seconds between two checks of one endpoint."""
+    timeout: float = 1.0
+    """A check without an answer within this many seconds fails."""
+    unhealthy_threshold: int = 3
+    """Consecutive failures that take an endpoint out of rotation."""
+    healthy_threshold: int = 2
+    """Consecutive passes that put it back."""
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     """``kind: Service``: a named set of endpoints and how to reach them."""
 
@@ -99,6 +115,90 @@ class Service:
     """Connection, pending and in-flight limits."""
     outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
     """Passive ejection of failing endpoints."""
+    health_check: HealthCheck | None = None
+    """Active health checks by the control plane; None: endpoints are not checked."""
+
+
+ROUTE_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+PATH_MATCH_TYPES = ("PathPrefix", "Exact")
+
+
+@dataclass(frozen=True, slots=True)
+class PathMatch:
+    """An HTTPRoute path condition (Gateway API ``HTTPPathMatch``)."""
+
+    type: str = "PathPrefix"
+    """``PathPrefix`` (whole path segments) or ``Exact``."""
+    value: str = "/"
+    """The path or prefix; starts with ``/``."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """An HTTPRoute header condition: the request has this header with exactly this value."""
+
+    name: str
+    """Header name (matched case-insensitively)."""
+    value: str
+    """Header value (matched exactly)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """One match of a rule: all of its conditions must hold."""
+
+    path: PathMatch = field(default_factory=PathMatch)
+    """Path condition (default: every path)."""
+    headers: tuple[HeaderMatch, ...] = ()
+    """Header conditions, all required."""
+    method: str | None = None
+    """Request method, or None for any."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendRef:
+    """A weighted destination of a rule: another service of the mesh."""
+
+    name: str
+    """The service that receives the traffic."""
+    weight: int = 1
+    """Share of the rule's traffic, relative to the other backends (0: none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRetry:
+    """Per-rule retry overrides; the retry budget stays the backend service's."""
+
+    attempts: int | None = None
+    """Retries per request, or None to keep the service's."""
+    codes: tuple[int, ...] | None = None
+    """Retried response statuses, or None to keep the service's."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    """Requests matching any of ``matches`` go to the weighted ``backend_refs``."""
+
+    matches: tuple[RouteMatch, ...] = (RouteMatch(),)
+    """Any one of these must match (an empty ``matches`` in YAML means every request)."""
+    backend_refs: tuple[BackendRef, ...] = ()
+    """Weighted backends; empty means the parent service itself."""
+    request_timeout: float | None = None
+    """Overrides the backend service's request timeout (seconds), or None."""
+    retry: RouteRetry | None = None
+    """Overrides the backend service's retry attempts and statuses, or None."""
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRoute:
+    """``kind: HTTPRoute``: how requests to the parent services are routed."""
+
+    name: str
+    """``metadata.name``."""
+    parent_refs: tuple[str, ...]
+    """Services whose traffic this route governs."""
+    rules: tuple[RouteRule, ...] = ()
+    """Rules; precedence follows the Gateway API, not list order alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +211,8 @@ class MeshConfig:
     """Version of this config (a content hash for static files)."""
     source: str = ""
     """Where it came from (file path, or the control plane URL)."""
+    routes: tuple[HTTPRoute, ...] = ()
+    """HTTPRoutes, in document order."""
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-able view, as served on the admin ``/config`` page."""
@@ -148,4 +250,33 @@ class MeshConfig:
                 }
                 for name, svc in sorted(self.services.items())
             },
+            "routes": [_route_dict(route) for route in self.routes],
         }
+
+
+def _route_dict(route: HTTPRoute) -> dict[str, object]:
+    rules: list[dict[str, object]] = []
+    for rule in route.rules:
+        out: dict[str, object] = {
+            "matches": [
+                {
+                    "path": {"type": m.path.type, "value": m.path.value},
+                    "headers": [{"name": h.name, "value": h.value} for h in m.headers],
+                    **({"method": m.method} if m.method else {}),
+                }
+                for m in rule.matches
+            ],
+            "backendRefs": [{"name": b.name, "weight": b.weight} for b in rule.backend_refs],
+        }
+        if rule.request_timeout is not None:
+            out["timeouts"] = {"request": rule.request_timeout}
+        if rule.retry is not None:
+            retry: dict[str, object] = {}
+            if rule.retry.attempts is not None:
+                retry["attempts"] = rule.retry.attempts
+            if rule.retry.codes is not None:
+                retry["codes"] = list(rule.retry.codes)
+            out["retry"] = retry
+        rules.append(out)
+    parents = [{"name": p} for p in route.parent_refs]
+    return {"name": route.name, "parentRefs": parents, "rules": rules}

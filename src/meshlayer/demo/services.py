@@ -2,8 +2,8 @@
 
 Run one per process::
 
-    python -m meshlayer.demo.services catalog --port 18022 --replica catalog-1
-    python -m meshlayer.demo.services reviews --port 18042
+    python -m meshlayer.demo.services catalog --port 18022 --replica catalog-v1-1
+    python -m meshlayer.demo.services reviews --port 18052
     python -m meshlayer.demo.services frontend --port 18012 --outbound 127.0.0.1:18010
 
 - ``catalog``: ``GET /items`` is the item list as JSON, ``GET /items/<id>`` one
@@ -13,7 +13,8 @@ Run one per process::
 - ``frontend``: ``GET /`` (or ``/shop``, ``?item=<id>`` to choose) asks
   ``catalog`` for the items, then ``reviews`` for one of them, and answers
   with both, plus which replica of each served it; 502 (JSON) when a
-  backend call fails.
+  backend call fails. It passes ``x-request-id`` and ``x-canary`` on to
+  both (the demo's HTTPRoute sends ``x-canary: 1`` to catalog-v2).
 - Every app answers ``GET /healthz``.
 
 The apps reach each other only through their sidecar's outbound listener,
@@ -39,6 +40,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 SERVICES = ("frontend", "catalog", "reviews")
+FORWARDED = ("x-request-id", "x-canary")
+"""Request headers the frontend passes on to its backends (routes may match on them)."""
 
 ITEMS: tuple[dict[str, Any], ...] = (
     {"id": 1, "name": "Sencha", "kind": "green tea", "price": 6.5},
@@ -249,9 +252,10 @@ class App:
         assert mesh is not None
         started = time.perf_counter()
         headers = {"Accept": "application/json"}
-        request_id = h.headers.get("x-request-id")
-        if request_id:
-            headers["x-request-id"] = request_id  # keeps one id across the call graph
+        for name in FORWARDED:  # one request id across the call graph; the canary flag
+            value = h.headers.get(name)
+            if value:
+                headers[name] = value
         try:
             catalog = mesh.get_json("catalog", "/items", headers)
             items = catalog["items"]

@@ -7,6 +7,22 @@ estimator: a slower sample is taken at once, faster ones decay in) and its
 ejection state. ``pick`` is synchronous and does no I/O. Ejected endpoints are
 skipped while any endpoint is in rotation; an ejection ends lazily, when a
 pick or a report finds its time has passed.
+
+P2C's cost is (latency estimate + failure penalty) x (in-flight + 1). The
+latency estimate follows Finagle's and Linkerd's peak-EWMA: time-weighted
+over ``DECAY`` (10 s), and an endpoint left unused decays toward zero, so it
+is tried again. A failed attempt says little about latency (a refused
+connect is fast, and must not make a dead endpoint look fast), so it does
+not feed the EWMA unless it was slower than the estimate; instead it sets a
+separate penalty of ``PENALTY`` that decays on its own, faster time constant
+``FAILURE_DECAY``. P2C moves away at once (1 s against millisecond
+latencies), and a replica that failed once is back in rotation after about
+``FAILURE_DECAY * ln(PENALTY / latency)``: 7 s for 1 ms latencies, sooner
+under concurrent load, where in-flight requests weigh on its peers. (Folding
+the penalty into the EWMA instead kept such a replica out for
+``DECAY * ln(1 s / 1 ms)``, about a minute.) Each new failure re-arms the
+penalty, so a replica that keeps failing gets one probe every few seconds,
+and outlier detection ejects it after its consecutive-failure limit.
 """
 
 from __future__ import annotations
@@ -20,7 +36,8 @@ from meshlayer.config.model import Endpoint, OutlierDetection
 
 DECAY = 10.0  # seconds: the EWMA's time constant (Linkerd's default)
 DEFAULT_RTT = 0.030  # seconds: assumed latency of an endpoint never measured
-PENALTY = 1.0  # seconds: latency charged for a failure, so P2C moves away at once
+PENALTY = 1.0  # seconds: cost added by a failure, so P2C moves away at once
+FAILURE_DECAY = 1.0  # seconds: the penalty's time constant (recovery in ~7 s at 1 ms)
 
 
 class EndpointState:
@@ -32,6 +49,7 @@ class EndpointState:
         "ejections",
         "endpoint",
         "ewma",
+        "failed_at",
         "in_flight",
         "last_ejection_end",
         "last_sample",
@@ -48,19 +66,25 @@ class EndpointState:
         self.ejections = 0
         self.last_ejection_end = 0.0
         self.requests = 0
+        self.failed_at = -math.inf  # when the failure penalty was last charged
 
     @property
     def ejected(self) -> bool:
         return self.ejected_until > 0.0
 
     def cost(self, now: float) -> float:
-        """Peak-EWMA latency weighted by load, decayed to ``now``.
+        """(Peak-EWMA latency + failure penalty), decayed to ``now``, weighted by load.
 
-        An unused endpoint's estimate decays toward zero, so one that was charged a
-        failure penalty is tried again in time rather than starved forever.
+        An unused endpoint's estimate decays toward zero, and a failure penalty
+        decays faster still, so a replica that failed is tried again in seconds
+        rather than starved.
         """
         w = math.exp(-max(now - self.last_sample, 0.0) / DECAY)
-        return self.ewma * w * (self.in_flight + 1)
+        cost = self.ewma * w
+        since = now - self.failed_at
+        if since < 30 * FAILURE_DECAY:  # beyond, the penalty is below 1e-13 s
+            cost += PENALTY * math.exp(-max(since, 0.0) / FAILURE_DECAY)
+        return cost * (self.in_flight + 1)
 
     def observe(self, seconds: float, now: float) -> None:
         """Fold one latency sample into the peak-EWMA."""
@@ -95,6 +119,7 @@ class Balancer:
         self._rr = 0
         self._rng = rng or random.Random()
         self.ejected_count = 0
+        self._ewma = policy == "p2c-ewma"  # only P2C reads latencies: others skip the EWMA
 
     def _unexpire(self, now: float) -> None:
         for s in self.states:
@@ -138,9 +163,12 @@ class Balancer:
         now = time.monotonic()
         return a if a.cost(now) <= b.cost(now) else b
 
-    def report(self, state: EndpointState, ok: bool, seconds: float) -> None:
-        """Record a finished attempt: ``ok`` False for connect failures and 5xx."""
-        now = time.monotonic()
+    def report(self, state: EndpointState, ok: bool, seconds: float, now: float = 0.0) -> None:
+        """Record a finished attempt: ``ok`` False for connect failures and 5xx.
+
+        ``now`` is time.monotonic() when the caller has just read it.
+        """
+        now = now or time.monotonic()
         if ok:
             state.consecutive_failures = 0
             # A healthy stretch as long as one base ejection forgives past ejections.
@@ -150,9 +178,13 @@ class Balancer:
                 and now - state.last_ejection_end > self.outlier.base_ejection
             ):
                 state.ejections = 0
-            state.observe(seconds, now)
+            if self._ewma:
+                state.observe(seconds, now)
             return
-        state.observe(max(seconds, PENALTY), now)
+        if self._ewma:
+            state.failed_at = now
+            if seconds > state.ewma:  # a slow failure is a latency peak; a fast one no news
+                state.observe(seconds, now)
         state.consecutive_failures += 1
         if state.ejected or state.consecutive_failures < self.outlier.consecutive_failures:
             return

@@ -2,7 +2,9 @@
 
 Theory of operation: the listener's connection parses a request head and
 makes an ``Exchange``; ``start`` runs the stages in one straight line —
-route, circuit breaker, balance, pool checkout — and sends the head on an
+route (authority to service; then, when HTTPRoutes govern that service, its
+matching rule picks the backend service and may override the request timeout
+and retries: ``conf``), circuit breaker, balance, pool checkout — and sends the head on an
 upstream connection (opening one in a task when none is idle). From then on
 everything is driven by callbacks, with no task per request: request body
 pieces from the client go straight to the upstream transport, response events
@@ -37,6 +39,7 @@ from meshlayer.proxy.upstream import UpstreamConnection
 REQUEST, STREAM = 3, 4  # deadline kinds of the client connection (see server.py)
 
 if TYPE_CHECKING:
+    from meshlayer.config.model import Service
     from meshlayer.proxy.balancer import EndpointState
     from meshlayer.proxy.server import DownstreamConnection
 
@@ -50,6 +53,7 @@ SOURCE_HEADER = b"x-meshlayer-source"
 # Fields the client side's parser hands out apart, because the exchange rewrites them.
 WATCHED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id", SOURCE_HEADER})
 _HOST = frozenset({b"host"})
+_FORWARDED = b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\nx-request-id: %b"
 
 # response phases
 WAITING = 0  # no final response head yet
@@ -67,6 +71,7 @@ class Exchange:
         "body_size",
         "chunked_out",
         "close_after",
+        "conf",
         "conn",
         "down",
         "endpoint",
@@ -90,12 +95,15 @@ class Exchange:
         "tunnel_buf",
     )
 
+    conf: Service
+    """The destination's effective config (HTTPRoute overrides applied); set with ``service``."""
+
     def __init__(self, down: DownstreamConnection, head: RequestHead) -> None:
         self.down = down
         self.head = head
         self.started = False
         self.req_done = False
-        self.body: list[bytes] = []
+        self.body: list[bytes] | None = None  # made on the first piece: most requests have none
         self.body_size = 0
         self.replayable = True
         self.trailers: Headers | None = None
@@ -110,7 +118,7 @@ class Exchange:
         self.close_after = not head.keep_alive
         self.error: ProtocolError | None = None
         self.tunnel = False
-        self.tunnel_buf: list[bytes] = []
+        self.tunnel_buf: list[bytes] | None = None
         self.out_head = b""
         self.request_id = b""
         self.source = ""
@@ -131,13 +139,16 @@ class Exchange:
         """Route, admit, balance and send. Called when the exchange reaches the front."""
         self.started = True
         down = self.down
-        self.t0 = time.monotonic()
+        self.t0 = now = time.monotonic()
         if self.error is not None:  # the request was refused before its turn came
             self._fail(MeshError(self.error.status, "bad-request", self.error.reason))
             return
         try:
             self.authority, self.path = split_target(self.head.target)
             svc = down.listener.route(self)
+            conf = svc.service
+            if svc.routes is not None:  # HTTPRoutes: the backend and the rule's policy
+                svc, conf = svc.routes.select(self.head.method, self.path, self.head.headers)
         except MeshError as err:
             self._fail(err)
             return
@@ -146,17 +157,18 @@ class Exchange:
             self._fail(MeshError(503, "overflow", f"{svc.name}: max requests in flight reached"))
             return
         self.service = svc
+        self.conf = conf
         svc.in_flight += 1
-        svc.budget.deposit()
+        svc.budget.deposit(now)
         self.out_head = self._build_request_head()
-        timeouts = svc.service.timeouts
+        timeouts = conf.timeouts
         if self.req_done:
-            down.set_deadline(REQUEST, timeouts.request)
+            down.set_deadline(REQUEST, timeouts.request, now)
         else:  # the request timeout starts when the whole request has arrived
-            down.set_deadline(STREAM, timeouts.idle)
-        self._attempt()
+            down.set_deadline(STREAM, timeouts.idle, now)
+        self._attempt(now)
 
-    def _attempt(self) -> None:
+    def _attempt(self, now: float = 0.0) -> None:
         svc = self.service
         assert svc is not None
         ep = svc.balancer.pick(self.tried)
@@ -167,7 +179,7 @@ class Exchange:
         self.attempts += 1
         self.tried.append(ep)
         ep.in_flight += 1
-        self.t_attempt = time.monotonic()
+        self.t_attempt = now or time.monotonic()
         plan, conn = svc.pool.checkout(ep)
         if plan == IDLE:
             assert conn is not None
@@ -238,7 +250,7 @@ class Exchange:
                 conn.write(chunk(piece) if chunked else piece)
             if not self.replayable:
                 self.body = []
-        if self.req_done:
+        if self.req_done and self.head.framing == CHUNKED:
             self._write_request_end(conn)
         if self.down.paused & 4:
             self.down.resume(4)
@@ -256,26 +268,30 @@ class Exchange:
             lines = without(lines, head.conn_tokens)
         if self.authority is not None:  # absolute-form: its authority is the Host
             lines = [b"host: " + self.authority, *without(lines, _HOST)]
-        else:
-            lines = lines.copy()
         self.source = down.listener.source_label(picked.get(SOURCE_HEADER, b""))
         xff = picked.get(b"x-forwarded-for")
-        peer = down.peer_ip
-        lines.append(b"x-forwarded-for: " + (xff + b", " + peer if xff else peer))
-        lines.append(b"x-forwarded-proto: " + picked.get(b"x-forwarded-proto", b"http"))
         rid = picked.get(b"x-request-id")
         if not rid:
             rid = b"%032x" % getrandbits(128)
-        lines.append(b"x-request-id: " + rid)
         self.request_id = rid
+        # The mesh's own fields and the framing, after the end-to-end lines.
+        tail = _FORWARDED % (
+            xff + b", " + down.peer_ip if xff else down.peer_ip,
+            picked.get(b"x-forwarded-proto", b"http"),
+            rid,
+        )
         if head.upgrade is not None:
-            lines.append(b"connection: upgrade")
-            lines.append(b"upgrade: " + head.upgrade)
+            tail += b"\r\nconnection: upgrade\r\nupgrade: " + head.upgrade
         if head.framing == LENGTH:
-            lines.append(b"content-length: %d" % head.content_length)
+            tail += b"\r\ncontent-length: %d" % head.content_length
         elif head.framing == CHUNKED:
-            lines.append(b"transfer-encoding: " + head.transfer_encoding)
-        return build_head(head.method + b" " + self.path + b" HTTP/1.1", lines)
+            tail += b"\r\ntransfer-encoding: " + head.transfer_encoding
+        return b"%b %b HTTP/1.1\r\n%b%b\r\n\r\n" % (
+            head.method,
+            self.path,
+            b"\r\n".join(lines) + b"\r\n" if lines else b"",
+            tail,
+        )
 
     # -- request body from the client ----------------------------------------
 
@@ -285,7 +301,10 @@ class Exchange:
             conn.write(chunk(data) if self.head.framing == CHUNKED else data)
             if not self.replayable:
                 return
-        self.body.append(data)
+        if self.body is None:
+            self.body = [data]
+        else:
+            self.body.append(data)
         self.body_size += len(data)
         if self.body_size > REPLAY_LIMIT and self.replayable:
             self.replayable = False
@@ -300,7 +319,7 @@ class Exchange:
         if self.conn is not None:
             self._write_request_end(self.conn)
         if self.started and self.phase == WAITING and self.service is not None:
-            self.down.set_deadline(REQUEST, self.service.service.timeouts.request)
+            self.down.set_deadline(REQUEST, self.conf.timeouts.request)
 
     def on_request_error(self, err: ProtocolError) -> None:
         """The client broke framing in the middle of this request's body."""
@@ -321,6 +340,8 @@ class Exchange:
     def on_tunnel_down(self, data: bytes) -> None:
         if self.tunnel and self.conn is not None:
             self.conn.write(data)
+        elif self.tunnel_buf is None:
+            self.tunnel_buf = [data]
         else:
             self.tunnel_buf.append(data)
 
@@ -348,11 +369,11 @@ class Exchange:
         assert svc is not None and ep is not None
         now = time.monotonic()
         if (
-            status in svc.service.retries.on_status
+            status in self.conf.retries.on_status
             and self.head.method in IDEMPOTENT
             and self._can_retry()
         ):
-            svc.balancer.report(ep, False, now - self.t_attempt)
+            svc.balancer.report(ep, False, now - self.t_attempt, now)
             down.listener.metrics.retries.labels(svc.name, str(status)).inc()
             conn = self.conn
             self.conn = None
@@ -361,10 +382,12 @@ class Exchange:
                 conn.close()
             self._attempt()
             return
-        svc.balancer.report(ep, status < 500, now - self.t_attempt)
+        svc.balancer.report(ep, status < 500, now - self.t_attempt, now)
         self.status = status
         self.phase = STREAMING
-        lines = _response_lines(resp)
+        lines = resp.lines  # the parser makes a fresh list per message: ours to extend
+        if resp.conn_tokens:
+            lines = without(lines, resp.conn_tokens)
         framing = resp.framing
         if status == 101 and self.head.upgrade is not None:
             self.tunnel = True
@@ -372,15 +395,15 @@ class Exchange:
             for name, value in resp.headers:
                 if name.lower() == b"upgrade":
                     lines.append(b"upgrade: " + value)
-            down.set_deadline(STREAM, svc.service.timeouts.idle)
+            down.set_deadline(STREAM, svc.service.timeouts.idle, now)
             down.write(build_head(b"HTTP/1.1 101 %b" % resp.reason, lines))
             conn = self.conn
             if conn is not None:
-                for piece in self.tunnel_buf:
+                for piece in self.tunnel_buf or ():
                     conn.write(piece)
                 if down.eof:  # the client half-closed before the switch
                     conn.write_eof()
-            self.tunnel_buf = []
+            self.tunnel_buf = None
             return
         http11 = self.head.version == b"1.1"
         if framing == LENGTH:
@@ -399,7 +422,7 @@ class Exchange:
             lines.append(b"connection: close")
         elif not http11:
             lines.append(b"connection: keep-alive")
-        down.set_deadline(STREAM, svc.service.timeouts.idle)
+        down.set_deadline(STREAM, svc.service.timeouts.idle, now)
         down.write(build_head(b"HTTP/1.1 %d %b" % (status, resp.reason), lines))
         if framing == UNTIL_CLOSE:
             pass  # body pieces follow; the end comes with the upstream's close
@@ -458,7 +481,7 @@ class Exchange:
     def _can_retry(self) -> bool:
         svc = self.service
         assert svc is not None
-        if not self.replayable or self.attempts > svc.service.retries.attempts:
+        if not self.replayable or self.attempts > self.conf.retries.attempts:
             return False
         if self.down.closed or self.error is not None:
             return False
@@ -494,7 +517,7 @@ class Exchange:
             if self.conn is not None:
                 self.conn.abort()
                 self.conn = None
-            timeout = svc.service.timeouts.request if svc else 0
+            timeout = self.conf.timeouts.request if svc else 0
             self._fail(MeshError(504, "timeout", f"{name}: no response within {timeout:g}s"))
         else:
             self.down.abort()
@@ -559,12 +582,13 @@ class Exchange:
         if self.phase == DONE:
             return
         self.phase = DONE
+        now = time.monotonic()
         svc = self.service
         conn = self.conn
         self.conn = None
         if conn is not None:
             if ok and self.req_done and conn.reusable and svc is not None:
-                svc.pool.release(conn)
+                svc.pool.release(conn, now)
             else:
                 conn.close()
         if self.endpoint is not None:
@@ -579,11 +603,11 @@ class Exchange:
                     svc.pool.pending.remove(self._on_pool_slot)
                 except ValueError:
                     pass
-        self.down.resume(2 | 4)  # whatever this exchange paused, it no longer needs
-        listener = self.down.listener
-        elapsed = time.monotonic() - self.t0
-        listener.observe(self, elapsed)
-        self.down.exchange_done(self)
+        down = self.down
+        if down.paused & 6:
+            down.resume(2 | 4)  # whatever this exchange paused, it no longer needs
+        down.listener.observe(self, now - self.t0)
+        down.exchange_done(self, now)
 
 
 def _response_lines(resp: ResponseHead) -> list[bytes]:

@@ -124,6 +124,21 @@ class Metrics:
         self.config_info = Gauge(
             "meshlayer_config_info", "The config in force (value 1)", ["version"], registry=r
         )
+        self.config_version = Gauge(
+            "meshlayer_config_version",
+            "Mesh version of the config in force (0: a static file)",
+            registry=r,
+        )
+        self.config_rejected = Counter(
+            "meshlayer_config_rejected",
+            "Configs pushed by the control plane that failed validation and were not applied",
+            registry=r,
+        )
+        self.control_connected = Gauge(
+            "meshlayer_control_connected",
+            "1 while the watch stream to the control plane is open",
+            registry=r,
+        )
 
     def route(self, direction: str, source: str, destination: str) -> RouteMetrics:
         key = (direction, source, destination)

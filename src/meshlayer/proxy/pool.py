@@ -11,6 +11,7 @@ when one closes, or returns to the pool, the first pending request is woken.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -75,16 +76,21 @@ class ServicePool:
             raise
         return proto
 
-    def release(self, conn: UpstreamConnection) -> None:
-        """Return a connection whose exchange has ended cleanly."""
+    def release(self, conn: UpstreamConnection, now: float = 0.0) -> None:
+        """Return a connection whose exchange has ended cleanly (``now``: time.monotonic)."""
         conn.exchange = None
-        conn.resume_reading()
+        if conn.reading_paused:
+            conn.resume_reading()
         if self.pending:
             waiter = self.pending.popleft()
             waiter(conn)
             return
-        conn.idle_since = asyncio.get_running_loop().time()
-        self.idle.setdefault(conn.endpoint, []).append(conn)
+        conn.idle_since = now or time.monotonic()
+        conns = self.idle.get(conn.endpoint)
+        if conns is None:
+            self.idle[conn.endpoint] = [conn]
+        else:
+            conns.append(conn)
 
     def on_closed(self, conn: UpstreamConnection) -> None:
         """A connection closed (either side): free its slot."""
@@ -107,7 +113,7 @@ class ServicePool:
             self.on_change(delta)
 
     def sweep(self, now: float) -> None:
-        """Close connections idle for longer than ``idle_timeout``."""
+        """Close connections idle for longer than ``idle_timeout`` (``now``: time.monotonic)."""
         for conns in self.idle.values():
             for conn in [c for c in conns if now - c.idle_since > self.idle_timeout]:
                 conns.remove(conn)

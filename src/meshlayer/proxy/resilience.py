@@ -20,8 +20,8 @@ class RetryBudget:
         self._withdrawals = [0] * WINDOW
         self._epoch = int(time.monotonic())
 
-    def _advance(self) -> int:
-        now = int(time.monotonic())
+    def _advance(self, t: float = 0.0) -> int:
+        now = int(t or time.monotonic())
         if now != self._epoch:
             steps = min(now - self._epoch, WINDOW)
             for k in range(1, steps + 1):
@@ -31,9 +31,9 @@ class RetryBudget:
             self._epoch = now
         return now % WINDOW
 
-    def deposit(self) -> None:
-        """Count one original request."""
-        self._deposits[self._advance()] += 1
+    def deposit(self, now: float = 0.0) -> None:
+        """Count one original request (``now``: time.monotonic, when the caller has it)."""
+        self._deposits[self._advance(now)] += 1
 
     def withdraw(self) -> bool:
         """Take one retry if the budget allows it."""

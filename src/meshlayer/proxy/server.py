@@ -70,14 +70,25 @@ class Listener:
         self.connections: set[DownstreamConnection] = set()
         self.server: asyncio.Server | None = None
         self._gauge = metrics.connections.labels("downstream", direction)
+        # source -> destination -> its metrics: two lookups, no key tuple per request
+        self._route_metrics: dict[str, dict[str, RouteMetrics]] = {}
 
     def protocol(self) -> DownstreamConnection:
         return DownstreamConnection(self)
 
     def observe(self, ex: Exchange, seconds: float) -> None:
-        if not ex.source:
-            ex.source = self.source_label(b"")
-        rm: RouteMetrics = self.metrics.route(self.direction, ex.source, self.destination_label(ex))
+        source = ex.source
+        if not source:
+            source = ex.source = self.source_label(b"")
+        destination = self.destination_label(ex)
+        by_destination = self._route_metrics.get(source)
+        if by_destination is None:
+            by_destination = self._route_metrics[source] = {}
+        rm = by_destination.get(destination)
+        if rm is None:
+            rm = by_destination[destination] = self.metrics.route(
+                self.direction, source, destination
+            )
         rm.observe(ex.status, seconds)
         if self.access:
             access_log.info(
@@ -306,7 +317,7 @@ class DownstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.abort()
 
-    def exchange_done(self, ex: Exchange) -> None:
+    def exchange_done(self, ex: Exchange, now: float = 0.0) -> None:
         queue = self.queue
         if queue and queue[0] is ex:
             queue.popleft()
@@ -323,21 +334,22 @@ class DownstreamConnection(asyncio.Protocol):
                 self.resume(1)
             queue[0].start()
         else:
-            self._set_idle()
+            self._set_idle(now)
             if self.parser.in_head:
                 self.deadline_kind = HEADER
-                self.deadline = time.monotonic() + self.listener.header_timeout
+                self.deadline = (now or time.monotonic()) + self.listener.header_timeout
 
     # -- deadlines -------------------------------------------------------------
 
-    def set_deadline(self, kind: int, seconds: float) -> None:
+    def set_deadline(self, kind: int, seconds: float, now: float = 0.0) -> None:
+        """Arm the connection's one deadline; ``now`` saves a clock read when known."""
         self.deadline_kind = kind
         self.stream_idle = seconds
-        self.deadline = time.monotonic() + seconds
+        self.deadline = (now or time.monotonic()) + seconds
 
-    def _set_idle(self) -> None:
+    def _set_idle(self, now: float = 0.0) -> None:
         self.deadline_kind = IDLE
-        self.deadline = time.monotonic() + self.listener.idle_timeout
+        self.deadline = (now or time.monotonic()) + self.listener.idle_timeout
 
     def on_deadline(self, now: float) -> None:
         kind = self.deadline_kind

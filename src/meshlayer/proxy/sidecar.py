@@ -17,11 +17,14 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from meshlayer.config import ConfigError, Endpoint, MeshConfig, Service, load_file
 from meshlayer.config.load import parse_address
 from meshlayer.proxy.admin import AdminProtocol, AdminState
+from meshlayer.proxy.control_client import ControlClient, ControlOptions, load_saved
+from meshlayer.proxy.control_http import parse_control_url
 from meshlayer.proxy.errors import MeshError
 from meshlayer.proxy.exchange import Exchange
 from meshlayer.proxy.loop import loop_name, run
@@ -58,6 +61,8 @@ class SidecarOptions:
     """Seconds a keep-alive client connection may sit idle."""
     access_log: bool = False
     """One log line per request."""
+    control: ControlOptions | None = None
+    """Follow a control plane (``--control``); None: the static config only."""
 
 
 class Sidecar:
@@ -72,6 +77,9 @@ class Sidecar:
         self.app = ServiceRuntime(self._app_service(config))
         self.admin_state = AdminState(self.metrics, self._config_view)
         self.metrics.config_info.labels(config.version).set(1)
+        self.metrics.config_version.set(_mesh_version(config))
+        self.control: ControlClient | None = None
+        self._retired: list[ServiceRuntime] = []
         self.metrics.add_state_collector(self._state)
         common = {
             "sidecar": opts.service,
@@ -140,6 +148,8 @@ class Sidecar:
             "admin": "{}:{}".format(*self.opts.admin),
             "loop": loop_name(),
         }
+        if self.control is not None:
+            view["control"] = self.control.view()
         return view
 
     def _state(self) -> dict[str, list[tuple[tuple[str, ...], float]]]:
@@ -198,19 +208,60 @@ class Sidecar:
         gauge = self.metrics.connections.labels("upstream", name)
         rt.pool.on_change = gauge.inc
 
+    def reload(self, config: MeshConfig) -> None:
+        """Switch to ``config`` between two requests; nothing in flight is dropped.
+
+        The router keeps the runtime (pool, balancer state, in-flight count) of
+        every service whose config did not change. Requests in flight hold on
+        to the runtime they started with; a replaced runtime is retired: its
+        idle connections are closed as its last requests finish.
+        """
+        old = self.config
+        old_runtimes = [*self.router.services.values(), self.app]
+        self.router = Router(config, self.router)
+        app_service = self._app_service(config)
+        if app_service != self.app.service:
+            self.app = ServiceRuntime(app_service)
+        self.config = config
+        current = [*self.router.services.values(), self.app]
+        kept = {id(rt) for rt in current}
+        was = {id(rt) for rt in old_runtimes}
+        for rt in current:
+            if id(rt) not in was:
+                self._watch_pool(rt)
+        for rt in old_runtimes:
+            if id(rt) not in kept:
+                rt.pool.close_idle()
+                self._retired.append(rt)
+        for name in config.services:
+            if len(self._sources) < MAX_SOURCES:
+                self._sources.add(name)
+        if old.version != config.version:
+            self.metrics.config_info.labels(config.version).set(1)
+            try:
+                self.metrics.config_info.remove(old.version)
+            except KeyError:
+                pass
+        self.metrics.config_version.set(_mesh_version(config))
+
+    def _sweep_retired(self) -> None:
+        for rt in self._retired:
+            rt.pool.close_idle()
+        self._retired = [rt for rt in self._retired if rt.pool.connections or rt.in_flight]
+
     async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
         last_pool_sweep = 0.0
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
             self.outbound.sweep(now)
             self.inbound.sweep(now)
+            if self._retired:
+                self._sweep_retired()
             if now - last_pool_sweep > 5.0:
                 last_pool_sweep = now
-                lt = loop.time()
                 for rt in [*self.router.services.values(), self.app]:
-                    rt.pool.sweep(lt)
+                    rt.pool.sweep(now)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -224,6 +275,8 @@ class Sidecar:
         """Readiness off, stop accepting, let in-flight requests finish within the grace."""
         self.admin_state.ready = False
         log.info("sidecar %s shutting down (grace %.1fs)", self.name, self.opts.grace)
+        if self.control is not None:
+            await self.control.close()  # deregister first: peers stop sending new requests
         for server in self._servers[:2]:
             server.close()
         for listener in (self.outbound, self.inbound):
@@ -261,23 +314,74 @@ def options_from_args(args: argparse.Namespace) -> SidecarOptions:
         ("--grace", args.grace),
         ("--header-timeout", args.header_timeout),
         ("--idle-timeout", args.idle_timeout),
+        ("--lease-ttl", args.lease_ttl),
+        ("--reconnect-max", args.reconnect_max),
     ):
         if not 0 < value < float("inf"):  # argparse's float() also takes nan and inf
             raise ConfigError("command line", flag, f"must be positive and finite, got {value}")
+    inbound = addr("--inbound", args.inbound)
+    control = None
+    if args.control:
+        try:
+            for url in args.control.split(","):
+                parse_control_url(url.strip())
+        except ValueError as exc:
+            raise ConfigError("command line", "--control", str(exc)) from None
+        if args.advertise:
+            advertise = addr("--advertise", args.advertise)
+        elif inbound[0] in ("0.0.0.0", "::", ""):
+            advertise = ("127.0.0.1", inbound[1])
+        else:
+            advertise = inbound
+        control = ControlOptions(
+            url=args.control.rstrip("/"),
+            service=args.service,
+            advertise=advertise,
+            state_dir=Path(args.state_dir or f".meshlayer/sidecar-{args.service}"),
+            ttl=args.lease_ttl,
+            backoff_max=max(0.1, args.reconnect_max),
+            reconnect_grace=2 * max(0.1, args.reconnect_max) + 1.0,
+        )
+    elif not args.config:
+        raise ConfigError("command line", "--config", "is required unless --control is given")
     return SidecarOptions(
         service=args.service,
         app=addr("--app", args.app),
-        inbound=addr("--inbound", args.inbound),
+        inbound=inbound,
         outbound=addr("--outbound", args.outbound),
         admin=addr("--admin", args.admin),
         grace=args.grace,
         header_timeout=args.header_timeout,
         idle_timeout=args.idle_timeout,
         access_log=args.access_log,
+        control=control,
     )
 
 
-async def _main(opts: SidecarOptions, config: MeshConfig) -> int:
+def _mesh_version(config: MeshConfig) -> int:
+    """The mesh version of a pushed config; 0 for a static file's content hash."""
+    v = config.version
+    return int(v) if v.isdigit() and len(v) < 12 else 0
+
+
+def initial_config(
+    opts: SidecarOptions, config_file: str | None
+) -> tuple[MeshConfig, dict[str, Any] | None]:
+    """What to serve before the control plane answers: the saved snapshot (returned
+    as data too), else the static file, else an empty mesh. Raises ConfigError for a
+    bad static file."""
+    if opts.control is not None:
+        saved = load_saved(opts.control.state_dir, opts.control.url)
+        if saved is not None:
+            return saved
+    if config_file:
+        return load_file(config_file), None
+    return MeshConfig(version="0", source="empty: waiting for the control plane"), None
+
+
+async def _main(
+    opts: SidecarOptions, config: MeshConfig, saved: dict[str, Any] | None = None
+) -> int:
     sidecar = Sidecar(opts, config)
     try:
         await sidecar.start()
@@ -287,6 +391,11 @@ async def _main(opts: SidecarOptions, config: MeshConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sidecar.request_stop)
+    if opts.control is not None:
+        sidecar.control = ControlClient(
+            opts.control, sidecar.reload, sidecar.metrics, _mesh_version(config), saved
+        )
+        sidecar.control.start()
     await sidecar.serve()
     return 0
 
@@ -295,8 +404,8 @@ def run_sidecar_cli(args: argparse.Namespace) -> int:
     """``meshlayer sidecar``: exit 2 on bad flags or config, nothing started."""
     try:
         opts = options_from_args(args)
-        config = load_file(args.config)
+        config, saved = initial_config(opts, args.config)
     except ConfigError as exc:
         print(f"meshlayer sidecar: invalid config: {exc}", file=sys.stderr)
         return 2
-    return run(_main(opts, config))
+    return run(_main(opts, config, saved))

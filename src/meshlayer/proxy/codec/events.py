@@ -165,6 +165,10 @@ class EndOfMessage:
         return f"EndOfMessage(trailers={self.trailers!r})"
 
 
+END = EndOfMessage()
+"""The end of a message without trailers: one shared instance, as events are never mutated."""
+
+
 class TunnelData:
     """Bytes after an upgrade or CONNECT: no longer HTTP."""
 

@@ -20,6 +20,7 @@ import httptools
 from meshlayer.proxy.codec.errors import ProtocolError
 from meshlayer.proxy.codec.events import (
     CHUNKED,
+    END,
     LENGTH,
     NO_BODY,
     Body,
@@ -28,7 +29,18 @@ from meshlayer.proxy.codec.events import (
     RequestHead,
     TunnelData,
 )
-from meshlayer.proxy.codec.serialize import CLASSIFY, CONNECTION, OTHER, named_by_connection
+from meshlayer.proxy.codec.fields import (
+    CLEN,
+    CONN,
+    EXPECT,
+    HOST,
+    PLAIN,
+    TE,
+    UPGRADE,
+    WATCHED,
+    kind_table,
+)
+from meshlayer.proxy.codec.serialize import named_by_connection
 
 MAX_HEADER_BYTES = 60 * 1024
 MAX_HEADERS = 100
@@ -58,6 +70,8 @@ class RequestParser:
         "_hosts",
         "_in_head",
         "_in_trailers",
+        "_kind_of",
+        "_kinds",
         "_lines",
         "_max_header_bytes",
         "_max_headers",
@@ -82,6 +96,8 @@ class RequestParser:
         """``watch``: lower-cased field names to hand out in ``RequestHead.picked``
         instead of ``lines`` (fields the caller rewrites)."""
         self._watch = watch
+        self._kinds = kind_table(True, watch)
+        self._kind_of = self._kinds.kinds
         self._parser = httptools.HttpRequestParser(self)
         self._max_header_bytes = max_header_bytes
         self._max_headers = max_headers
@@ -169,32 +185,38 @@ class RequestParser:
             return
         headers = self._headers
         headers.append((name, value))
-        self._head_bytes += len(name) + len(value) + 4
-        if len(headers) > self._max_headers:
-            raise self._fail(431, f"more than {self._max_headers} header fields")
-        if self._head_bytes > self._max_header_bytes:
+        size = self._head_bytes = self._head_bytes + len(name) + len(value) + 4
+        if size > self._max_header_bytes or len(headers) > self._max_headers:
+            if len(headers) > self._max_headers:
+                raise self._fail(431, f"more than {self._max_headers} header fields")
             raise self._fail(431, "request header section too large")
-        lname = name.lower()
-        kind = CLASSIFY.get(lname, OTHER)
-        if kind == OTHER:
-            if lname in self._watch:
-                old = self._picked.get(lname)
-                self._picked[lname] = value if old is None else old + b", " + value
-            elif lname[:6] != b"proxy-":
-                self._lines.append(name + b": " + value)
-                if lname == b"host":
-                    self._hosts += 1
-                    self._host = value
-                elif lname == b"expect" and value.lower() == b"100-continue":
-                    self._expect = True
-        elif lname == b"content-length":
+        kind = self._kind_of.get(name)
+        if kind is None:
+            kind = self._kinds.classify(name)
+        if kind == PLAIN:
+            self._lines.append(name + b": " + value)
+        elif kind == HOST:
+            self._lines.append(name + b": " + value)
+            self._hosts += 1
+            self._host = value
+        elif kind == WATCHED:
+            lname = name.lower()
+            old = self._picked.get(lname)
+            self._picked[lname] = value if old is None else old + b", " + value
+        elif kind == CLEN:
             self._clen = int(value)  # llhttp has checked it is digits only, and single
-        elif lname == b"transfer-encoding":
+        elif kind == TE:
             self._te = value
-        elif lname == b"upgrade":
+        elif kind == UPGRADE:
             self._upgrade = value
-        elif kind == CONNECTION:
-            self._conn_tokens |= named_by_connection(value)
+        elif kind == CONN:
+            named = named_by_connection(value)
+            if named:
+                self._conn_tokens |= named
+        elif kind == EXPECT:
+            self._lines.append(name + b": " + value)
+            if value.lower() == b"100-continue":
+                self._expect = True
 
     def on_headers_complete(self) -> None:
         p = self._parser
@@ -239,7 +261,8 @@ class RequestParser:
         self._events.append(Body(body))
 
     def on_message_complete(self) -> None:
-        self._events.append(EndOfMessage(self._trailers))
+        trailers = self._trailers
+        self._events.append(END if trailers is None else EndOfMessage(trailers))
         self._trailers = None
         self._in_trailers = False
 

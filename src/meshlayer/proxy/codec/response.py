@@ -21,6 +21,7 @@ import httptools
 from meshlayer.proxy.codec.errors import ProtocolError
 from meshlayer.proxy.codec.events import (
     CHUNKED,
+    END,
     LENGTH,
     NO_BODY,
     UNTIL_CLOSE,
@@ -30,8 +31,12 @@ from meshlayer.proxy.codec.events import (
     ResponseHead,
     TunnelData,
 )
+from meshlayer.proxy.codec.fields import CLEN, CONN, PLAIN, TE, kind_table
 from meshlayer.proxy.codec.request import MAX_HEADER_BYTES, MAX_HEADERS
-from meshlayer.proxy.codec.serialize import CLASSIFY, CONNECTION, OTHER, named_by_connection
+from meshlayer.proxy.codec.serialize import named_by_connection
+
+_KINDS = kind_table(False)
+_KIND_OF = _KINDS.kinds
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
@@ -161,7 +166,8 @@ class ResponseParser:
         return self._raised
 
     def _finish(self, keep_alive: bool) -> None:
-        self._events.append(EndOfMessage(self._trailers))
+        trailers = self._trailers
+        self._events.append(END if trailers is None else EndOfMessage(trailers))
         self._expecting = False
         self.done = True
         if not keep_alive:
@@ -178,28 +184,31 @@ class ResponseParser:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > MAX_HEADER_BYTES:
+        size = self._head_bytes = self._head_bytes + len(name) + len(value) + 4
+        if size > MAX_HEADER_BYTES:
             raise self._fail("upstream header section too large")
         if self._in_trailers:
             if self._trailers is None:
                 self._trailers = []
             self._trailers.append((name, value))
             return
-        self._headers.append((name, value))
-        if len(self._headers) > MAX_HEADERS:
+        headers = self._headers
+        headers.append((name, value))
+        if len(headers) > MAX_HEADERS:
             raise self._fail(f"upstream sent more than {MAX_HEADERS} header fields")
-        lname = name.lower()
-        kind = CLASSIFY.get(lname, OTHER)
-        if kind == OTHER:
-            if lname[:6] != b"proxy-":
-                self._lines.append(name + b": " + value)
-        elif lname == b"content-length":
+        kind = _KIND_OF.get(name)
+        if kind is None:
+            kind = _KINDS.classify(name)
+        if kind == PLAIN:
+            self._lines.append(name + b": " + value)
+        elif kind == CLEN:
             self._clen = int(value)
-        elif lname == b"transfer-encoding":
+        elif kind == TE:
             self._te = value
-        elif kind == CONNECTION:
-            self._conn_tokens |= named_by_connection(value)
+        elif kind == CONN:
+            named = named_by_connection(value)
+            if named:
+                self._conn_tokens |= named
 
     def on_headers_complete(self) -> None:
         p = self._parser

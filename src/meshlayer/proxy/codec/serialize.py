@@ -35,11 +35,19 @@ CLASSIFY[b"connection"] = CONNECTION
 STANDARD_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 
+_NAMED: dict[bytes, frozenset[bytes]] = {}  # Connection value -> names; most repeat
+
+
 def named_by_connection(value: bytes) -> frozenset[bytes]:
     """Field names a Connection value lists, other than the standard tokens."""
-    tokens = {t.strip().lower() for t in value.split(b",")}
-    tokens.discard(b"")
-    return frozenset(tokens - STANDARD_TOKENS)
+    named = _NAMED.get(value)
+    if named is None:
+        tokens = {t.strip().lower() for t in value.split(b",")}
+        tokens.discard(b"")
+        named = frozenset(tokens - STANDARD_TOKENS)
+        if len(_NAMED) < 256:  # values come from peers: remember a bounded few
+            _NAMED[value] = named
+    return named
 
 
 def without(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:

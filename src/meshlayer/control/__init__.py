@@ -1,0 +1,1 @@
+"""meshlayer control plane: API, registry, stores."""

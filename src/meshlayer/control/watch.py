@@ -1,0 +1,185 @@
+"""The watch hub: one serialized snapshot per mesh version, fanned out to every stream.
+
+Theory of operation
+-------------------
+One task follows ``store.changes()``. For each new version it reads one
+snapshot and encodes it once into a :class:`Frame`: the server-sent event
+(``event: snapshot``, ``id``, ``data``) already framed as an HTTP chunk.
+Every watch stream then writes those same bytes.
+
+Each stream has a ``wake`` event and remembers the version it last sent.
+Publishing a frame only sets the events; each stream's task wakes, writes
+the hub's *current* frame if it is newer than what it sent, and awaits the
+transport's drain. A slow client therefore never holds up the others and is
+never queued a backlog: when its drain returns it gets the newest frame and
+skips the ones in between (coalescing). A client that takes no bytes for
+``STALL`` seconds while data waits is dropped (it reconnects and gets the
+current snapshot). An idle stream writes a ``: keep-alive`` comment every
+``keepalive`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from meshlayer.control.http import StreamOut, frame_chunk
+from meshlayer.control.store import Snapshot, Store, StoreError
+
+log = logging.getLogger("meshlayer.control.watch")
+
+KEEPALIVE = frame_chunk(b": keep-alive\n\n")
+RECHECK = 2.0
+"""Seconds without a change notice after which the hub asks the store's version
+itself (a safety net: notices are the fast path)."""
+STALL = 30.0
+"""A stream whose client takes no bytes for this long is closed (it reconnects)."""
+
+
+class StalledError(Exception):
+    """A watch client stopped reading."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One snapshot event, encoded once."""
+
+    version: int
+    chunk: bytes
+    """The SSE event framed as one HTTP chunk."""
+    made: float
+    """``time.monotonic()`` when the hub published it."""
+
+
+def encode(snap: Snapshot) -> Frame:
+    """The frame of a snapshot."""
+    data = json.dumps(snap.to_json(), separators=(",", ":"))
+    event = f"event: snapshot\nid: {snap.version}\ndata: {data}\n\n".encode()
+    return Frame(snap.version, frame_chunk(event), time.monotonic())
+
+
+class _Watcher:
+    __slots__ = ("out", "sent", "sidecar", "wake")
+
+    def __init__(self, sidecar: str, out: StreamOut) -> None:
+        self.sidecar = sidecar
+        self.out = out
+        self.sent = -1
+        self.wake = asyncio.Event()
+
+
+class WatchHub:
+    """Follows the store and serves watch streams."""
+
+    def __init__(self, store: Store, keepalive: float = 5.0) -> None:
+        self.store = store
+        self.keepalive = keepalive
+        self.frame: Frame | None = None
+        self._watchers: set[_Watcher] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._follow(), name="watch-hub")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def connected(self) -> Counter[str]:
+        """Open watch streams per sidecar id on this process."""
+        return Counter(w.sidecar for w in self._watchers)
+
+    async def _refresh(self, at_least: int | None = None) -> None:
+        """Read and publish the store's snapshot, unless the current frame is already
+        at ``at_least`` (None: read anyway)."""
+        async with self._lock:  # one snapshot read at a time; late callers reuse it
+            if at_least is not None and self.frame and self.frame.version >= at_least:
+                return
+            snap = await self.store.snapshot()
+            self._publish(snap)
+
+    def _publish(self, snap: Snapshot) -> None:
+        if self.frame is None or snap.version > self.frame.version:
+            self.frame = encode(snap)
+            self._ready.set()
+            for w in self._watchers:
+                w.wake.set()
+            log.debug("published version %d to %d watchers", snap.version, len(self._watchers))
+
+    async def _follow(self) -> None:
+        backoff = 0.1
+        while True:
+            changes = self.store.changes()
+            notice: asyncio.Future[int] | None = None
+            try:
+                await self._refresh()
+                while True:
+                    # a change notice, or a look at the version now and then; the
+                    # pending anext is kept, never cancelled (that would end a generator)
+                    if notice is None:
+                        notice = asyncio.ensure_future(anext(changes))
+                    done, _ = await asyncio.wait({notice}, timeout=RECHECK)
+                    if done:
+                        version, notice = notice.result(), None
+                    else:
+                        version = await self.store.version()
+                    if self.frame is None or version > self.frame.version:
+                        await self._refresh(version)
+                    backoff = 0.1
+            except (StoreError, StopAsyncIteration) as exc:
+                log.warning("watch hub: store failed: %r; retrying in %.1fs", exc, backoff)
+            except Exception:  # keep pushing whatever the store did
+                log.exception("watch hub: unexpected error; retrying in %.1fs", backoff)
+            finally:
+                if notice is not None:
+                    notice.cancel()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    @staticmethod
+    async def _flush(out: StreamOut) -> None:
+        if not out.buffered():  # the usual case: the kernel took it all
+            return
+        try:
+            await asyncio.wait_for(out.drain(), STALL)
+        except TimeoutError:
+            raise StalledError from None
+
+    async def serve(self, sidecar: str, out: StreamOut) -> None:
+        """Run one watch stream until the client leaves (the caller cancels us)."""
+        await self._ready.wait()
+        try:  # a client that just wrote expects to see its write in the first snapshot
+            await self._refresh(await self.store.version())
+        except StoreError as exc:
+            log.warning("watch: store failed at connect: %s", exc)
+        w = _Watcher(sidecar, out)
+        self._watchers.add(w)
+        log.info("sidecar %s connected (watch streams: %d)", sidecar, len(self._watchers))
+        try:
+            while True:
+                w.wake.clear()
+                frame = self.frame
+                if frame is not None and frame.version > w.sent:
+                    out.write_framed(frame.chunk)
+                    w.sent = frame.version
+                    await self._flush(out)
+                    continue
+                try:
+                    await asyncio.wait_for(w.wake.wait(), self.keepalive)
+                except TimeoutError:
+                    out.write_framed(KEEPALIVE)
+                    await self._flush(out)
+        except StalledError:
+            log.warning("sidecar %s: watch stream took no data for %gs; closing it", sidecar, STALL)
+        finally:
+            self._watchers.discard(w)
+            log.info("sidecar %s disconnected (watch streams: %d)", sidecar, len(self._watchers))

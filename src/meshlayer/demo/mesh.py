@@ -1,0 +1,236 @@
+"""The demo's mesh config, and what the demo asks its control plane.
+
+The demo configures its mesh the way a user would: it writes the documents to
+``mesh.yaml`` and sends that file's documents to ``POST /v1/apply`` (what
+``meshlayer apply -f mesh.yaml`` does, through the same reader and client).
+No Service lists meshed endpoints: each sidecar registers its own inbound
+listener, and the control plane pushes every service's endpoints with the
+config in one versioned snapshot.
+
+What the config shows off:
+
+* ``catalog`` is the name the frontend calls; the HTTPRoute ``catalog-split``
+  sends its ``/items`` requests to two versions by weight (smooth weighted
+  round-robin, exact over each cycle of the total weight), and every request
+  carrying ``x-canary: 1`` to ``catalog-v2``.
+* ``catalog-v1`` has two replicas behind the p2c-ewma balancer.
+* The backends ask the control plane for active health checks, so a killed
+  app leaves rotation mesh-wide within seconds.
+
+:class:`MeshStatus` reads ``GET /v1/status``: the mesh version and, per
+sidecar, whether it is connected and which version it applied. The demo
+sends no traffic until every one of its sidecars is registered and at the
+current version (:func:`wait_in_sync`).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshlayer.cli.client import ControlAPI
+from meshlayer.cli.resources import read_documents
+
+ROUTE = "catalog-split"
+"""The HTTPRoute that splits ``catalog``'s traffic between its versions."""
+CANARY_HEADER = "x-canary"
+SPLIT: tuple[tuple[str, int], ...] = (("catalog-v1", 80), ("catalog-v2", 20))
+"""``/items`` of ``catalog``: backend Service and weight."""
+
+_HEALTH = "healthCheck: {path: /healthz, interval: 2s, timeout: 1s, unhealthyThreshold: 2}"
+
+
+def render_mesh(control_url: str, path: str) -> str:
+    """The mesh config as YAML documents, with a header saying how to change it live."""
+    backends = "\n".join(f"    - {{name: {name}, weight: {weight}}}" for name, weight in SPLIT)
+    return f"""\
+# The demo's mesh, written by `meshlayer demo` (afresh each run) and applied to its
+# control plane at {control_url}. Change it while the demo runs, e.g. the weights
+# below, then apply it again; every sidecar picks the new version up within a second:
+#   meshlayer apply -f {path} --control {control_url}
+# No Service lists its meshed endpoints: each sidecar registers its own inbound
+# listener with the control plane, which pushes the endpoints with the config.
+apiVersion: meshlayer/v1
+kind: Service
+metadata: {{name: frontend}}
+spec:
+  timeouts: {{connect: 1s, request: 10s}}
+---
+# The name the frontend calls. HTTPRoute {ROUTE} decides where its requests go.
+apiVersion: meshlayer/v1
+kind: Service
+metadata: {{name: catalog}}
+spec: {{}}
+---
+apiVersion: meshlayer/v1
+kind: Service
+metadata: {{name: catalog-v1}}    # two replicas
+spec:
+  loadBalancer: p2c-ewma
+  timeouts: {{connect: 1s, request: 5s}}
+  retries: {{attempts: 2, budgetPercent: 20, onStatus: [503]}}
+  outlierDetection: {{consecutiveFailures: 3, baseEjectionTime: 10s}}
+  {_HEALTH}
+---
+apiVersion: meshlayer/v1
+kind: Service
+metadata: {{name: catalog-v2}}    # one replica, the new version
+spec:
+  timeouts: {{connect: 1s, request: 5s}}
+  retries: {{attempts: 2, budgetPercent: 20, onStatus: [503]}}
+  {_HEALTH}
+---
+apiVersion: meshlayer/v1
+kind: Service
+metadata: {{name: reviews}}
+spec:
+  loadBalancer: least-request
+  timeouts: {{connect: 1s, request: 2s}}
+  retries: {{attempts: 2, budgetPercent: 20, onStatus: [502, 503]}}
+  {_HEALTH}
+---
+apiVersion: meshlayer/v1
+kind: HTTPRoute
+metadata: {{name: {ROUTE}}}
+spec:
+  parentRefs: [{{name: catalog}}]
+  rules:
+  - matches:                  # {CANARY_HEADER}: 1 always gets the new version
+    - path: {{type: PathPrefix, value: /items}}
+      headers: [{{name: {CANARY_HEADER}, value: "1"}}]
+    backendRefs: [{{name: catalog-v2}}]
+  - matches: [{{path: {{type: PathPrefix, value: /items}}}}]
+    backendRefs:              # everyone else: split by weight
+{backends}
+"""
+
+
+def apply_file(api: ControlAPI, path: Path) -> dict[str, Any]:
+    """Send every document of ``path`` in one apply, as ``meshlayer apply -f`` does.
+
+    Returns the answer (``version``, ``results``). Raises ``CLIError`` when the
+    file cannot be read or the control plane refuses it.
+    """
+    docs = read_documents([str(path)], io.StringIO())
+    answer: dict[str, Any] = api.expect(
+        "POST", "/v1/apply", {"documents": [doc for _, _, doc in docs]}
+    )
+    return answer
+
+
+# -- status ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SidecarState:
+    """One entry of ``GET /v1/status``."""
+
+    sidecar: str
+    service: str | None
+    address: str | None
+    applied: int
+    error: str | None
+    connected: bool
+    healthy: bool
+
+
+@dataclass(frozen=True)
+class MeshStatus:
+    """The mesh version and every sidecar's state, as the control plane sees them."""
+
+    version: int
+    store_ok: bool
+    store: str
+    sidecars: tuple[SidecarState, ...]
+
+    @classmethod
+    def fetch(cls, api: ControlAPI) -> MeshStatus:
+        """``GET /v1/status``; raises ``CLIError`` when the control plane does not answer."""
+        data = api.expect("GET", "/v1/status")
+        store = data.get("store") or {}
+        sidecars = tuple(
+            SidecarState(
+                sidecar=str(s.get("sidecar")),
+                service=s.get("service"),
+                address=s.get("address"),
+                applied=int(s.get("applied") or 0),
+                error=s.get("error"),
+                connected=bool(s.get("connected")),
+                healthy=bool(s.get("healthy", True)),
+            )
+            for s in data.get("sidecars") or []
+        )
+        return cls(
+            int(data.get("version") or 0),
+            bool(store.get("ok")),
+            str(store.get("detail") or ""),
+            sidecars,
+        )
+
+    def registered(self) -> list[SidecarState]:
+        """Sidecars with a registration (a stream alone has ``service: null``)."""
+        return [s for s in self.sidecars if s.service is not None]
+
+    def current(self, s: SidecarState) -> bool:
+        """Connected, and applied the mesh version without rejecting it."""
+        return s.connected and s.error is None and s.applied == self.version
+
+    def lagging(self, expected: Mapping[str, str]) -> list[str]:
+        """What keeps ``expected`` (inbound address → instance name) from being ready for
+        traffic: one phrase per instance not registered, not connected, not at the
+        current version, or failing its health check."""
+        by_address = {s.address: s for s in self.registered()}
+        out = []
+        for address, name in expected.items():
+            s = by_address.get(address)
+            if s is None:
+                out.append(f"{name} not registered")
+            elif s.error is not None:
+                out.append(f"{name} rejected {s.error}")
+            elif not s.connected:
+                out.append(f"{name} not connected")
+            elif s.applied != self.version:
+                out.append(f"{name} at version {s.applied}")
+            elif not s.healthy:
+                out.append(f"{name} failing its health check")
+        return out
+
+    def line(self, url: str, expected: Mapping[str, str]) -> str:
+        """``URL  mesh version N  sidecars connected C/T, at version N: K/T``; T counts the
+        demo's sidecars and any other registered one."""
+        registered = self.registered()
+        total = len(set(expected) | {s.address for s in registered})
+        connected = sum(1 for s in registered if s.connected)
+        current = sum(1 for s in registered if self.current(s))
+        store = "" if self.store_ok else "  STORE UNHEALTHY"
+        return (
+            f"{url}  mesh version {self.version}  sidecars connected {connected}/{total}, "
+            f"at version {self.version}: {current}/{total}{store}"
+        )
+
+
+def wait_in_sync(
+    api: ControlAPI,
+    expected: Mapping[str, str],
+    timeout: float,
+    alive: Callable[[], None] = lambda: None,
+) -> tuple[MeshStatus, bool]:
+    """Poll ``GET /v1/status`` until every expected sidecar (inbound address → instance
+    name) is registered, connected, healthy and at the mesh version, or ``timeout`` passes.
+
+    ``alive`` is called between polls (it raises when a child died). Returns the
+    last status and whether it was in sync.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        alive()
+        status = MeshStatus.fetch(api)
+        if not status.lagging(expected):
+            return status, True
+        if time.monotonic() >= deadline:
+            return status, False
+        time.sleep(0.05)

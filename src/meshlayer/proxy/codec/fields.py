@@ -1,0 +1,70 @@
+"""What a parser does with a header field, by its name as sent, computed once per name.
+
+Theory of operation: the parsers see every header field through an llhttp
+callback, and the names repeat from message to message (``Host``,
+``Content-Type`` ...). Classifying a name costs a ``lower()``, a dictionary
+lookup on the fresh lower-cased bytes (which hashes them) and a ``proxy-``
+prefix test; a ``KindTable`` does that once per distinct name as sent and
+then answers with one lookup on the name itself. The table is bounded
+(``MAX_CACHED`` names), because names are chosen by the peer: past the bound
+names are classified every time, never stored.
+"""
+
+from __future__ import annotations
+
+from meshlayer.proxy.codec.serialize import CLASSIFY, CONNECTION
+
+# Kinds. PLAIN fields travel end to end as they are; DROP fields never do.
+PLAIN = 0
+DROPPED = 1
+CONN = 2  # Connection: its tokens name more fields to drop
+CLEN = 3  # Content-Length
+TE = 4  # Transfer-Encoding
+UPGRADE = 5  # Upgrade (requests only; a response's is hop-by-hop)
+HOST = 6  # Host (requests only): end to end, but counted and remembered
+EXPECT = 7  # Expect (requests only): end to end, 100-continue remembered
+WATCHED = 8  # one of the caller's watched names: handed out apart
+
+MAX_CACHED = 512
+
+
+class KindTable:
+    """Header field name as sent → kind, for one parser configuration."""
+
+    __slots__ = ("_by_lower", "kinds")
+
+    def __init__(self, request: bool, watch: frozenset[bytes] = frozenset()) -> None:
+        by_lower: dict[bytes, int] = dict.fromkeys(watch, WATCHED)
+        for name, kind in CLASSIFY.items():
+            by_lower[name] = CONN if kind == CONNECTION else DROPPED
+        by_lower[b"content-length"] = CLEN
+        by_lower[b"transfer-encoding"] = TE
+        if request:
+            by_lower[b"upgrade"] = UPGRADE
+            by_lower.setdefault(b"host", HOST)
+            by_lower.setdefault(b"expect", EXPECT)
+        self._by_lower = by_lower
+        self.kinds: dict[bytes, int] = {}
+        """The cache: names as sent, classified. Look here first."""
+
+    def classify(self, name: bytes) -> int:
+        """The kind of ``name`` (a cache miss): compute, and remember while there is room."""
+        lname = name.lower()
+        kind = self._by_lower.get(lname)
+        if kind is None:
+            kind = DROPPED if lname[:6] == b"proxy-" else PLAIN
+        if len(self.kinds) < MAX_CACHED:
+            self.kinds[name] = kind
+        return kind
+
+
+_tables: dict[tuple[bool, frozenset[bytes]], KindTable] = {}
+
+
+def kind_table(request: bool, watch: frozenset[bytes] = frozenset()) -> KindTable:
+    """The shared table for a parser configuration (one per distinct ``watch``)."""
+    key = (request, watch)
+    table = _tables.get(key)
+    if table is None:
+        table = _tables[key] = KindTable(request, watch)
+    return table
