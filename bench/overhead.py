@@ -86,7 +86,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LOADGEN_SRC = HERE / "loadgen.c"
 
-ALL_TARGETS = ("direct", "meshlayer", "minimal", "nginx", "haproxy")
+ALL_TARGETS = ("direct", "meshlayer", "minimal", "nginx", "haproxy", "mesh-mtls", "nginx-tls")
+# two proxies and one mTLS hop between them: bench/mtls_targets.py
+MTLS_TARGETS = ("mesh-mtls", "nginx-tls")
 MINIMAL_FORWARDER = HERE / "minimal_forwarder.py"
 SERVICE_HOST = "upstream"  # the Host header: the sidecar routes by it
 RATES = (2000, 5000)
@@ -414,6 +416,10 @@ class Running:
     name: str
     port: int
     proc: Proc | None
+    extra: list[Proc] = field(default_factory=list)
+    """More proxies of the target (the second hop): measured with ``proc``."""
+    aux: list[Proc] = field(default_factory=list)
+    """Helpers (a control plane): stopped with the target, not measured."""
 
 
 @dataclass
@@ -449,6 +455,10 @@ def start_target(env: Env, target: str) -> Running:
     if target == "direct":
         return Running(target, env.upstream_port, None)
     port = free_port()
+    if target in MTLS_TARGETS:
+        from mtls_targets import start_mtls_target
+
+        return start_mtls_target(env, target, port)
     if target == "nginx":
         body = NGINX_PROXY_BODY.format(port=port, upstream=env.upstream_port)
         proc = start_nginx(env, "nginx", body, env.proxy_cpu)
@@ -577,10 +587,10 @@ def measure(env: Env, target: str, rnd: int, duration: float, warmup: float) -> 
     try:
         proc = running.proc
         if proc is not None:
-            sample.idle_rss_kib = status_kib(proc.tree(), "VmRSS")
+            sample.idle_rss_kib = status_kib(_pids(running), "VmRSS")
         if warmup > 0:
             run_wrk(env, running.port, warmup)
-        pids = proc.tree() if proc is not None else []
+        pids = _pids(running)
         t0, c0 = time.monotonic(), cpu_ticks(pids)
         wrk = run_wrk(env, running.port, duration)
         t1, c1 = time.monotonic(), cpu_ticks(pids)
@@ -592,13 +602,20 @@ def measure(env: Env, target: str, rnd: int, duration: float, warmup: float) -> 
         for rate in RATES:
             sample.latency[str(rate)] = run_loadgen(env, running.port, rate, duration)
         if proc is not None:
-            sample.peak_rss_kib = status_kib(proc.tree(), "VmHWM")
+            sample.peak_rss_kib = status_kib(_pids(running), "VmHWM")
             if proc.popen.poll() is not None:
                 raise RuntimeError(f"{target} died during the run:\n{proc.log_tail()}")
     finally:
-        if running.proc is not None:
-            running.proc.stop()
+        for p in [running.proc, *running.extra, *running.aux]:
+            if p is not None:
+                p.stop()
     return sample
+
+
+def _pids(running: Running) -> list[int]:
+    """The processes of a target's proxies (both hops for the mTLS targets)."""
+    procs = [running.proc, *running.extra] if running.proc is not None else []
+    return [pid for p in procs for pid in p.tree()]
 
 
 # ------------------------------------------------------------------------ summary
@@ -838,12 +855,44 @@ def report(
                 )
             )
 
+    pair = mtls_pair(summary)
+    if pair:
+        parts.append("")
+        parts.extend(pair)
+
     checks = targets_check(summary)
     if checks:
         parts.append("")
         parts.append("Targets (informational)")
         parts.extend(checks)
     return "\n".join(parts)
+
+
+def mtls_pair(summary: dict[str, Any]) -> list[str]:
+    """mesh-mtls against its like: nginx doing TLS to nginx (both rows are two proxies)."""
+    if "mesh-mtls" not in summary or "nginx-tls" not in summary:
+        return []
+    m, n = summary["mesh-mtls"], summary["nginx-tls"]
+    rps_r = ratio(m["rps"], n["rps"])
+    cpu_r = ratio(m["cpu_us_per_req"], n["cpu_us_per_req"])
+    a, b = m[f"lat_{RATES[0]}"]["added_p99_us"], n[f"lat_{RATES[0]}"]["added_p99_us"]
+    row = [
+        "mesh-mtls",
+        "—" if rps_r is None else f"{rps_r:.2f}x",
+        "—" if cpu_r is None else f"{cpu_r:.2f}x",
+        "—" if a is None else fmt_num(a.median),
+        "—" if b is None else fmt_num(b.median),
+        "—" if (r_ := ratio(a, b)) is None else f"{r_:.2f}x",
+    ]
+    headers = [
+        "target",
+        "req/s ratio",
+        "CPU µs/req ratio",
+        f"added p99 @{RATES[0]:,}/s µs",
+        "nginx-tls's",
+        "ratio",
+    ]
+    return ["Against nginx-tls (one mTLS hop, two proxies each; medians)", table(headers, [row])]
 
 
 def targets_check(summary: dict[str, Any]) -> list[str]:
@@ -957,7 +1006,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     tools = ensure_tools()
     targets: list[str] = args.targets
-    pythonic = {"meshlayer", "minimal"}
+    pythonic = {"meshlayer", "minimal", "mesh-mtls"}
     python = meshlayer_python() if pythonic & set(targets) else None
     if pythonic & set(targets) and python is None:
         log("meshlayer is not importable (pip install -e .): skipping meshlayer and minimal")

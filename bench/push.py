@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import statistics
@@ -64,6 +65,10 @@ def free_port() -> int:
 # -- processes -------------------------------------------------------------
 
 
+ADMIN_TOKEN = secrets.token_urlsafe(24)
+"""The control processes' admin token (``MESHLAYER_ADMIN_TOKEN``) for the applies."""
+
+
 class Control:
     """One ``meshlayer control`` process, stopped by PID."""
 
@@ -72,6 +77,7 @@ class Control:
         self.log = workdir / f"control-{self.port}.log"
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+        env["MESHLAYER_ADMIN_TOKEN"] = ADMIN_TOKEN
         with self.log.open("wb") as fh:
             self.popen = subprocess.Popen(
                 [
@@ -79,6 +85,8 @@ class Control:
                     "--listen", f"127.0.0.1:{self.port}",
                     "--store", store_url,
                     "--no-health-checks",
+                    "--listen-mtls", "off",
+                    "--allow-plaintext-sidecars",  # the watchers are plain HTTP clients
                     "--log-level", "warning",
                 ],
                 stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(workdir),
@@ -133,7 +141,8 @@ async def request(
         data = b"" if body is None else json.dumps(body).encode()
         writer.write(
             f"{method} {path} HTTP/1.1\r\nHost: control\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+            f"Authorization: Bearer {ADMIN_TOKEN}\r\n\r\n".encode()
             + data
         )
         raw = await asyncio.wait_for(reader.read(), timeout)

@@ -132,7 +132,8 @@ def _refused(tmp_path: Path, text: str | None, *extra: str, name: str = "mesh.ya
             HEAD.replace("kind: Service", "kind: Deployment") + "  endpoints: []\n",
             "mesh.yaml#1",
             "kind",
-            "must be one of Service, HTTPRoute, got 'Deployment'",
+            "must be one of Service, HTTPRoute, PriorityClass, AuthorizationPolicy, Mesh, "
+            "got 'Deployment'",
         ),
         (
             GOOD + "---\n" + GOOD,

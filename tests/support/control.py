@@ -19,11 +19,20 @@ from typing import Any
 
 from tests.support.procs import Proc, free_port, wait_port
 
+ADMIN_TOKEN = "test-admin-token-0123456789"
+"""The admin token every ``start_control`` process gets (``MESHLAYER_ADMIN_TOKEN``)."""
+
 
 def api(
-    port: int, method: str, path: str, body: Any = None, timeout: float = 10.0
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    timeout: float = 10.0,
+    token: str | None = None,
 ) -> tuple[int, Any]:
-    """One request on a new connection; ``body`` is sent as JSON (bytes as they are)."""
+    """One request on a new connection; ``body`` is sent as JSON (bytes as they are);
+    ``token`` goes in ``Authorization: Bearer``."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         data: bytes | None
@@ -34,6 +43,8 @@ def api(
         else:
             data = json.dumps(body).encode()
         headers = {"content-type": "application/json"} if data is not None else {}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
         conn.request(method, path, body=data, headers=headers)
         resp = conn.getresponse()
         raw = resp.read()
@@ -50,16 +61,36 @@ def api(
 class Control:
     """A running `meshlayer control` process."""
 
-    def __init__(self, proc: Proc, port: int, store_url: str, tmp: Path) -> None:
+    def __init__(
+        self,
+        proc: Proc,
+        port: int,
+        store_url: str,
+        tmp: Path,
+        mtls_port: int = 0,
+        admin_token: str | None = ADMIN_TOKEN,
+    ) -> None:
         self.proc = proc
         self.port = port
         self.store_url = store_url
         self.tmp = tmp
         self.url = f"http://127.0.0.1:{port}"
+        self.mtls_port = mtls_port
+        """The mesh (mTLS) listener's port."""
+        self.admin_token = admin_token
 
-    def api(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
-        """``(status, json)`` of one request to this control process."""
-        return api(self.port, method, path, body, timeout)
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout: float = 10.0,
+        token: str | None = "admin",
+    ) -> Any:
+        """``(status, json)`` of one request to this control process, with the admin
+        token (``token="admin"``), another bearer token, or none (``token=None``)."""
+        bearer = self.admin_token if token == "admin" else token
+        return api(self.port, method, path, body, timeout, bearer)
 
     def watch(self, sidecar: str, timeout: float = 10.0) -> Watch:
         return Watch(self.port, sidecar, timeout)
@@ -84,13 +115,29 @@ def start_control(
     extra: list[str] | None = None,
     port: int | None = None,
     procs: list[Proc] | None = None,
+    plaintext_sidecars: bool = True,
+    env: dict[str, str] | None = None,
 ) -> Control:
     """Start `meshlayer control` on a free port; wait until ``/healthz`` says ok.
 
     ``procs``: a list (e.g. ``Cluster.procs``) to append the process to, so the
-    caller's teardown stops it.
+    caller's teardown stops it. The process gets ``MESHLAYER_ADMIN_TOKEN`` =
+    :data:`ADMIN_TOKEN` (``env`` may override it), a mesh listener on a free port
+    and, unless ``plaintext_sidecars`` is False, ``--allow-plaintext-sidecars``
+    (the tests of earlier issues use sidecars without certificates).
     """
     port = port or free_port()
+    extra = list(extra or [])
+    mtls_port = 0
+    if "--listen-mtls" in extra:
+        value = extra[extra.index("--listen-mtls") + 1]
+        mtls_port = int(value.rsplit(":", 1)[1]) if value != "off" else 0
+    else:
+        mtls_port = free_port()
+        extra += ["--listen-mtls", f"127.0.0.1:{mtls_port}"]
+    if plaintext_sidecars:
+        extra.append("--allow-plaintext-sidecars")
+    child_env = {"MESHLAYER_ADMIN_TOKEN": ADMIN_TOKEN, **(env or {})}
     argv = [
         sys.executable,
         "-m",
@@ -100,13 +147,14 @@ def start_control(
         f"127.0.0.1:{port}",
         "--store",
         store_url,
-        *(extra or []),
+        *extra,
     ]
-    proc = Proc(f"control-{port}-{int(time.monotonic() * 1000) % 100000}", argv, tmp)
+    proc = Proc(f"control-{port}-{int(time.monotonic() * 1000) % 100000}", argv, tmp, child_env)
     if procs is not None:
         procs.append(proc)
     wait_port(port, timeout=15, proc=proc)
-    ctl = Control(proc, port, store_url, tmp)
+    token = child_env["MESHLAYER_ADMIN_TOKEN"] or None
+    ctl = Control(proc, port, store_url, tmp, mtls_port, token)
     deadline = time.monotonic() + 10
     while True:
         try:

@@ -57,12 +57,15 @@ def wait_port(port: int, timeout: float = 10.0, proc: Proc | None = None) -> Non
 class Proc:
     """A child process with its output in a log file."""
 
-    def __init__(self, name: str, argv: list[str], logdir: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], logdir: Path, env_extra: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.logfile = logdir / f"{name}.log"
         self._fh = self.logfile.open("wb")
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(env_extra or {})
         self.popen = subprocess.Popen(
             argv, stdout=self._fh, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env
         )

@@ -154,9 +154,15 @@ def test_several_documents_and_version() -> None:
     assert list(view["services"]) == ["catalog", "orders"]  # type: ignore[call-overload]
 
 
-def test_metadata_labels_and_namespace_are_allowed() -> None:
-    text = HEAD.replace("{name: catalog}", "{name: catalog, namespace: shop, labels: {a: b}}")
+def test_metadata_namespace_default_is_allowed_others_and_labels_are_errors() -> None:
+    # Nothing is silently dropped: a namespace or labels the mesh would not keep is an error.
+    text = HEAD.replace("{name: catalog}", "{name: catalog, namespace: default}")
     assert "catalog" in load_documents(text + "  endpoints: []\n", "m.yaml").services
+    err = _error(HEAD.replace("{name: catalog}", "{name: catalog, namespace: shop}"))
+    assert err.field == "metadata.namespace"
+    assert "only 'default' is supported, got 'shop'" in err.problem
+    err = _error(HEAD.replace("{name: catalog}", "{name: catalog, labels: {a: b}}"))
+    assert err.field == "metadata.labels" and "not supported" in err.problem
 
 
 # -- errors name the document, the field path and the problem -------------------------

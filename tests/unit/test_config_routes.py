@@ -342,8 +342,8 @@ def test_references_to_undefined_services(spec: str, field: str, name: str) -> N
     # The control plane's registry may supply the service later: not an error there.
     cfg = load_documents(SERVICES + ROUTE + spec, "cp", strict_refs=False)
     assert cfg.routes[0].name == "canary"
-    services, routes = parse_documents([], "cp")
-    assert (services, routes) == ([], [])
+    services, routes, classes, policies, _mesh = parse_documents([], "cp")
+    assert (services, routes, classes, policies) == ([], [], [], [])
 
 
 def test_a_reference_may_point_to_a_service_defined_later_in_the_file() -> None:

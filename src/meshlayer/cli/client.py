@@ -7,14 +7,87 @@ the exit code: 1 for runtime failures (unreachable, conflict, not found),
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 DEFAULT_URL = "http://127.0.0.1:15000"
 ENV_VAR = "MESHLAYER_CONTROL"
+ADMIN_ENV = "MESHLAYER_ADMIN_TOKEN"
+ADMIN_FILE_ENV = "MESHLAYER_ADMIN_TOKEN_FILE"
+ADMIN_FILE = ".meshlayer/admin-token"
+
+
+@dataclass(frozen=True)
+class AdminToken:
+    """The admin token the CLI found (None: none), and where it came from or where
+    it was looked for (for the message of a 401)."""
+
+    token: str | None
+    source: str
+
+
+def find_admin_token(flag: str | None, file_flag: str | None = None) -> AdminToken:
+    """``--admin-token``, else ``$MESHLAYER_ADMIN_TOKEN``, else the file
+    ``--admin-token-file`` / ``$MESHLAYER_ADMIN_TOKEN_FILE`` / ``./.meshlayer/admin-token``
+    (the control plane writes it next to its SQLite file and logs where)."""
+    if flag and flag.strip():
+        return AdminToken(flag.strip(), "--admin-token")
+    env = os.environ.get(ADMIN_ENV, "").strip()
+    if env:
+        return AdminToken(env, f"${ADMIN_ENV}")
+    if file_flag:
+        name, how = file_flag, "--admin-token-file "
+    elif os.environ.get(ADMIN_FILE_ENV, "").strip():
+        name, how = os.environ[ADMIN_FILE_ENV].strip(), f"${ADMIN_FILE_ENV}="
+    else:
+        name, how = ADMIN_FILE, "the default file "
+    where = f"{how}{Path(name).expanduser().absolute()}"
+    try:
+        text = Path(name).expanduser().read_text().strip()
+    except FileNotFoundError:
+        return AdminToken(None, f"{where} (no such file)")
+    except OSError as exc:
+        return AdminToken(None, f"{where} ({exc.strerror or exc})")
+    return AdminToken(text, where) if text else AdminToken(None, f"{where} (empty)")
+
+
+def admin_token(flag: str | None, file_flag: str | None = None) -> str | None:
+    """The admin token (see :func:`find_admin_token`), or None."""
+    return find_admin_token(flag, file_flag).token
+
+
+def add_admin_flags(p: argparse.ArgumentParser) -> None:
+    """``--admin-token`` and ``--admin-token-file`` on a command that may write."""
+    p.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        default=None,
+        help=f"the control plane's admin token, needed for writes (default: ${ADMIN_ENV}, "
+        "else read from --admin-token-file)",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        metavar="PATH",
+        default=None,
+        help="file holding the admin token: the control plane writes `admin-token` next to "
+        f"its SQLite file and logs the path (default: ${ADMIN_FILE_ENV}, else {ADMIN_FILE})",
+    )
+
+
+def api_from_args(args: argparse.Namespace) -> ControlAPI:
+    """A client for ``--control`` with ``--timeout`` and the admin token flags."""
+    found = find_admin_token(
+        getattr(args, "admin_token", None), getattr(args, "admin_token_file", None)
+    )
+    api = ControlAPI(args.control or default_url(), args.timeout, found.token)
+    api.admin_source = found.source
+    return api
 
 
 def default_url() -> str:
@@ -34,7 +107,10 @@ class CLIError(Exception):
 class ControlAPI:
     """Calls to one control plane; one connection per call."""
 
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, timeout: float = 10.0, admin_token: str | None = None) -> None:
+        self.admin_token = admin_token
+        self.admin_source = ""
+        """Where the admin token came from, or where the CLI looked for one."""
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise CLIError(f"--control {url!r}: must be an http://HOST:PORT URL", 2)
@@ -53,6 +129,8 @@ class ControlAPI:
         headers = {"accept": "application/json", "user-agent": "meshlayer-cli"}
         if payload is not None:
             headers["content-type"] = "application/json"
+        if self.admin_token:
+            headers["authorization"] = f"Bearer {self.admin_token}"
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
             conn.request(method, path, body=payload, headers=headers)
@@ -74,6 +152,19 @@ class ControlAPI:
             raise CLIError(f"control plane at {self.url} failed ({resp.status}): {message(data)}")
         return resp.status, data
 
+    def _admin_hint(self) -> str:
+        """What to do about a 401: where the CLI looked for a token, how to pass one."""
+        if self.admin_token:
+            return f"  (the admin token from {self.admin_source or 'the caller'} was not accepted)"
+        looked = f", nor in {self.admin_source}" if self.admin_source else ""
+        return (
+            f"  no admin token: not given by --admin-token or ${ADMIN_ENV}{looked}.\n"
+            "  The control plane writes it to `admin-token` next to its SQLite file and logs "
+            "that path at start;\n"
+            f"  pass --admin-token-file PATH (or ${ADMIN_FILE_ENV}), or the token itself with "
+            f"--admin-token TOKEN (or ${ADMIN_ENV})."
+        )
+
     def _unreachable(self, why: str) -> CLIError:
         return CLIError(f"cannot reach the control plane at {self.url}: {why}", 1)
 
@@ -85,6 +176,10 @@ class ControlAPI:
             return data
         if status == 400:
             raise CLIError(f"invalid: {message(data)}", 2)
+        if status == 401:
+            raise CLIError(f"unauthorized: {message(data)}\n{self._admin_hint()}", 1)
+        if status == 403:
+            raise CLIError(f"forbidden: {message(data)}", 1)
         if status == 404:
             raise CLIError(f"not found: {message(data)}", 1)
         if status == 409:

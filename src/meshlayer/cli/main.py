@@ -14,7 +14,9 @@ from collections.abc import Sequence
 
 from meshlayer import __version__
 from meshlayer.cli.control import add_parser as add_control_parser
+from meshlayer.cli.net import add_parser as add_net_parser
 from meshlayer.cli.resources import add_parsers as add_resource_parsers
+from meshlayer.cli.security import add_parsers as add_security_parsers
 
 
 def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -70,6 +72,13 @@ def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--state-dir",
         metavar="DIR",
         help="where the last good pushed config is saved (default: ./.meshlayer/sidecar-SERVICE)",
+    )
+    p.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="join token from `meshlayer token create --service NAME`: the sidecar gets a "
+        "certificate for its service and speaks mTLS (default: $MESHLAYER_TOKEN, else "
+        "plaintext, which the control plane allows only with --allow-plaintext-sidecars)",
     )
     p.add_argument(
         "--advertise",
@@ -179,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     add_control_parser(sub)
     add_resource_parsers(sub)
+    add_security_parsers(sub)
+    add_net_parser(sub)
     return parser
 
 

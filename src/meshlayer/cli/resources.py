@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
-from meshlayer.cli.client import CLIError, ControlAPI, default_url, path
+from meshlayer.cli.client import CLIError, ControlAPI, add_admin_flags, api_from_args, path
 
 SUFFIXES = (".yaml", ".yml", ".json")
 _DOC_RE = re.compile(r"\bdoc#(\d+)\b")
@@ -52,10 +52,11 @@ def _control_flag(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="per request (default: %(default)s)",
     )
+    add_admin_flags(p)
 
 
 def _api(args: argparse.Namespace) -> ControlAPI:
-    return ControlAPI(args.control or default_url(), args.timeout)
+    return api_from_args(args)
 
 
 def _runner(fn: Any) -> Any:
@@ -176,11 +177,16 @@ def _add_get(sub: SubParsers) -> None:
         "get",
         help="list config resources, or print one",
         description=(
-            "Print resources of a kind (service, httproute; plural and any case work; "
-            "'all' for every kind) as a table, or as documents with -o yaml|json."
+            "Print resources of a kind (service, httproute; plural, any case and the short "
+            "names svc, route, pc work; 'all' for every kind) as a table, or as documents "
+            "with -o yaml|json."
         ),
     )
-    p.add_argument("kind", help="service | httproute | all")
+    p.add_argument(
+        "kind",
+        help="service (svc) | httproute (route) | authorizationpolicy | mesh | "
+        "priorityclass (pc) | all",
+    )
     p.add_argument("name", nargs="?", help="one resource by name")
     p.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
     _control_flag(p)
@@ -205,6 +211,18 @@ def _summary(doc: dict[str, Any]) -> str:
         return f"parents {parents}; {rules} rules" + (
             f" -> {','.join(backends)}" if backends else ""
         )
+    if doc.get("kind") == "AuthorizationPolicy":
+        target = (spec.get("targetRef") or {}).get("name")
+        dry = " (dry-run)" if spec.get("dryRun") else ""
+        return f"{spec.get('action')} to {target}; {len(spec.get('rules') or [])} rules{dry}"
+    if doc.get("kind") == "PriorityClass":
+        cc = spec.get("congestionControl")
+        return f"rank {spec.get('rank')}, dscp {spec.get('dscp', 0)}" + (f", {cc}" if cc else "")
+    if doc.get("kind") == "Mesh":
+        mtls = (spec.get("mtls") or {}).get("mode", "strict")
+        authz = spec.get("authorization") or {}
+        dry = " (dry-run)" if authz.get("dryRun") else ""
+        return f"mtls {mtls}; authorization default {authz.get('default', 'allow')}{dry}"
     return ""
 
 
@@ -261,7 +279,7 @@ def _add_delete(sub: SubParsers) -> None:
         help="delete a config resource",
         description="Delete one resource; --resource-version makes it conditional (409 if stale).",
     )
-    p.add_argument("kind", help="service | httproute")
+    p.add_argument("kind", help="service (svc) | httproute (route) | ... as for get")
     p.add_argument("name")
     p.add_argument("--resource-version", type=int, metavar="N", help="only if still at N")
     _control_flag(p)

@@ -3,14 +3,17 @@
 from meshlayer.config.errors import ConfigError
 from meshlayer.config.load import load_documents, load_file, parse_documents
 from meshlayer.config.model import (
+    AuthorizationPolicy,
     BackendRef,
     CircuitBreaker,
     Endpoint,
     HeaderMatch,
     HTTPRoute,
     MeshConfig,
+    MeshSettings,
     OutlierDetection,
     PathMatch,
+    PriorityClass,
     RetryPolicy,
     RouteMatch,
     RouteRetry,
@@ -20,6 +23,7 @@ from meshlayer.config.model import (
 )
 
 __all__ = [
+    "AuthorizationPolicy",
     "BackendRef",
     "CircuitBreaker",
     "ConfigError",
@@ -27,8 +31,10 @@ __all__ = [
     "HTTPRoute",
     "HeaderMatch",
     "MeshConfig",
+    "MeshSettings",
     "OutlierDetection",
     "PathMatch",
+    "PriorityClass",
     "RetryPolicy",
     "RouteMatch",
     "RouteRetry",

@@ -18,23 +18,28 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from meshlayer.config.authz import parse_authorization_policy, parse_mesh
 from meshlayer.config.errors import ConfigError
 from meshlayer.config.httproute import check_refs, parse_http_route
 from meshlayer.config.model import (
     LB_POLICIES,
+    AuthorizationPolicy,
     CircuitBreaker,
     Endpoint,
     HealthCheck,
     HTTPRoute,
     MeshConfig,
+    MeshSettings,
     OutlierDetection,
+    PriorityClass,
     RetryPolicy,
     Service,
     Timeouts,
 )
+from meshlayer.config.priority import merge_defaults, parse_priority_class
 
 API_VERSION = "meshlayer/v1"
-KINDS = ("Service", "HTTPRoute")
+KINDS = ("Service", "HTTPRoute", "PriorityClass", "AuthorizationPolicy", "Mesh")
 
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
@@ -246,6 +251,12 @@ class Resources(NamedTuple):
     """``kind: Service`` documents."""
     routes: list[HTTPRoute]
     """``kind: HTTPRoute`` documents."""
+    priority_classes: list[PriorityClass]
+    """``kind: PriorityClass`` documents (without the shipped defaults)."""
+    policies: list[AuthorizationPolicy]
+    """``kind: AuthorizationPolicy`` documents."""
+    mesh: MeshSettings
+    """The ``kind: Mesh`` document's settings (defaults when there is none)."""
 
 
 def parse_documents(docs: Iterable[object], source: str, *, strict_refs: bool = True) -> Resources:
@@ -257,6 +268,9 @@ def parse_documents(docs: Iterable[object], source: str, *, strict_refs: bool = 
     """
     services: list[Service] = []
     routes: list[HTTPRoute] = []
+    priority_classes: list[PriorityClass] = []
+    policies: list[AuthorizationPolicy] = []
+    mesh = MeshSettings()
     route_docs: list[str] = []
     names: set[tuple[str, str]] = set()
     for index, raw in enumerate(docs, 1):
@@ -276,8 +290,11 @@ def parse_documents(docs: Iterable[object], source: str, *, strict_refs: bool = 
             raise meta.error(
                 "name", f"must be a DNS name (lowercase, digits, '-', '.'), got {name!r}"
             )
-        meta.get("labels")
-        meta.get("namespace")
+        if meta.has("labels"):
+            raise meta.error("labels", "not supported: meshlayer stores no labels")
+        namespace = meta.get("namespace", "default")
+        if namespace != "default":  # services are flat names in one namespace
+            raise meta.error("namespace", f"only 'default' is supported, got {namespace!r}")
         if meta.has("resourceVersion"):  # stamped by the control plane; informational
             meta.integer("resourceVersion", 0)
         meta.finish()
@@ -290,6 +307,12 @@ def parse_documents(docs: Iterable[object], source: str, *, strict_refs: bool = 
         if kind == "HTTPRoute":
             routes.append(parse_http_route(r, name))
             route_docs.append(r.doc)
+        elif kind == "PriorityClass":
+            priority_classes.append(parse_priority_class(r, name))
+        elif kind == "AuthorizationPolicy":
+            policies.append(parse_authorization_policy(r, name))
+        elif kind == "Mesh":
+            mesh = parse_mesh(r, name)
         else:
             services.append(_service(r, name))
         r.finish()
@@ -297,7 +320,7 @@ def parse_documents(docs: Iterable[object], source: str, *, strict_refs: bool = 
         defined = {s.name for s in services}
         for route, doc in zip(routes, route_docs, strict=True):
             check_refs(route, defined, doc)
-    return Resources(services, routes)
+    return Resources(services, routes, priority_classes, policies, mesh)
 
 
 def load_documents(text: str, source: str, *, strict_refs: bool = True) -> MeshConfig:
@@ -311,9 +334,19 @@ def load_documents(text: str, source: str, *, strict_refs: bool = True) -> MeshC
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(source, "", f"not valid YAML{where}: {exc}") from None
-    services, routes = parse_documents(docs, source, strict_refs=strict_refs)
+    services, routes, classes, policies, mesh = parse_documents(
+        docs, source, strict_refs=strict_refs
+    )
     version = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return MeshConfig({s.name: s for s in services}, version, source, tuple(routes))
+    return MeshConfig(
+        {s.name: s for s in services},
+        version,
+        source,
+        tuple(routes),
+        priority_classes=merge_defaults(classes),
+        policies=tuple(policies),
+        mesh=mesh,
+    )
 
 
 def load_file(path: str | Path) -> MeshConfig:

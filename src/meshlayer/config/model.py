@@ -21,6 +21,8 @@ class Endpoint:
     """TCP port."""
     meshed: bool = True
     """True: a peer sidecar's inbound listener; False: a plain server outside the mesh."""
+    identity: str = ""
+    """SPIFFE ID the registry says this endpoint presents ("": its service's)."""
 
     @property
     def address(self) -> str:
@@ -201,6 +203,115 @@ class HTTPRoute:
     """Rules; precedence follows the Gateway API, not list order alone."""
 
 
+AUTHZ_ACTIONS = ("ALLOW", "DENY")
+MTLS_MODES = ("strict", "permissive")
+AUTHZ_DEFAULTS = ("allow", "deny")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySource:
+    """One ``from`` entry of an authorization rule: the caller is one of these."""
+
+    identities: tuple[str, ...] = ()
+    """Verified peer SPIFFE IDs, matched exactly."""
+    services: tuple[str, ...] = ()
+    """Service names: the peer ID's path is ``/ns/default/sa/<name>`` (any listed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyPath:
+    """A path condition of an authorization rule, on the normalised path."""
+
+    value: str
+    """The path (``exact``) or the path prefix (``prefix``); in normal form, starts with ``/``."""
+    prefix: bool = False
+    """True: ``value`` and everything under it on whole segments; False: exactly ``value``."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyOperation:
+    """One ``to`` entry of an authorization rule: every condition given must hold."""
+
+    methods: tuple[str, ...] = ()
+    """Request methods, any of them (empty: any method)."""
+    paths: tuple[PolicyPath, ...] = ()
+    """Path conditions, any of them (empty: any path)."""
+    headers: tuple[HeaderMatch, ...] = ()
+    """Header conditions, all of them (exact values, names case-insensitive)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRule:
+    """A request matches a rule when it matches a ``from`` entry and a ``to`` entry."""
+
+    sources: tuple[PolicySource, ...] = ()
+    """``from``: any of these (empty: any caller, even one without identity)."""
+    operations: tuple[PolicyOperation, ...] = ()
+    """``to``: any of these (empty: any request)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicy:
+    """``kind: AuthorizationPolicy``: allow or deny requests to one service."""
+
+    name: str
+    """``metadata.name``; named in denials and metrics."""
+    target: str
+    """``spec.targetRef.name``: the destination service whose inbound side enforces it."""
+    action: str = "ALLOW"
+    """``ALLOW`` or ``DENY``."""
+    dry_run: bool = False
+    """Log and count what would be denied, deny nothing."""
+    rules: tuple[PolicyRule, ...] = ()
+    """Any one of these must match for the policy to apply."""
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSettings:
+    """``kind: Mesh`` (name ``default``): mesh-wide settings."""
+
+    mtls_mode: str = "strict"
+    """``spec.mtls.mode``: ``strict`` (TLS only inbound) or ``permissive`` (plaintext too)."""
+    authz_default: str = "allow"
+    """``spec.authorization.default``: what happens to a request no policy decides."""
+    authz_dry_run: bool = False
+    """``spec.authorization.dryRun``: every policy and the default only log and count."""
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityClass:
+    """``kind: PriorityClass``: a level of service, its queueing and its network marks."""
+
+    name: str
+    """``metadata.name``: what ``x-meshlayer-priority`` and routes name."""
+    rank: int
+    """Order among classes: higher is more important."""
+    weight: int = 10
+    """Share guaranteed under contention, relative to the other classes (1..1000)."""
+    queue_delay_target: float = 0.1
+    """Seconds of queueing delay past which the class's requests are shed."""
+    max_queue_length: int = 1000
+    """Requests of the class that may wait in one queue; more get a 503."""
+    dscp: int = 0
+    """DSCP code point of its packets (0..63; ``IP_TOS``/``IPV6_TCLASS`` carry it << 2)."""
+    so_priority: int = 0
+    """``SO_PRIORITY`` of its sockets (0..6 for anyone; 7..15 need CAP_NET_ADMIN or CAP_NET_RAW)."""
+    congestion_control: str | None = None
+    """``TCP_CONGESTION`` of its sockets (cubic, bbr, reno ...); None: the kernel default."""
+
+
+DEFAULT_PRIORITY_CLASSES = (
+    PriorityClass("critical", 100, weight=60, queue_delay_target=0.5, dscp=46, so_priority=6),
+    PriorityClass("default", 50, weight=30, queue_delay_target=0.1, dscp=0, so_priority=0),
+    PriorityClass("batch", 10, weight=10, queue_delay_target=0.05, dscp=8, so_priority=1),
+)
+"""Shipped classes: DSCP EF / 0 / CS1; a PriorityClass document of the same name replaces one."""
+
+
+def _default_priority_classes() -> dict[str, PriorityClass]:
+    return {c.name: c for c in DEFAULT_PRIORITY_CLASSES}
+
+
 @dataclass(frozen=True, slots=True)
 class MeshConfig:
     """Everything a sidecar needs, at one version."""
@@ -213,12 +324,30 @@ class MeshConfig:
     """Where it came from (file path, or the control plane URL)."""
     routes: tuple[HTTPRoute, ...] = ()
     """HTTPRoutes, in document order."""
+    policies: tuple[AuthorizationPolicy, ...] = ()
+    """AuthorizationPolicies, in document order."""
+    mesh: MeshSettings = field(default_factory=MeshSettings)
+    """Mesh-wide settings (``kind: Mesh``; defaults when there is none)."""
+    priority_classes: dict[str, PriorityClass] = field(default_factory=_default_priority_classes)
+    """PriorityClasses by name: the shipped ones, each replaced by a document of its name."""
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-able view, as served on the admin ``/config`` page."""
         return {
             "version": self.version,
             "source": self.source,
+            "priorityClasses": {
+                c.name: {
+                    "rank": c.rank,
+                    "weight": c.weight,
+                    "queueDelayTarget": c.queue_delay_target,
+                    "maxQueueLength": c.max_queue_length,
+                    "dscp": c.dscp,
+                    "soPriority": c.so_priority,
+                    "congestionControl": c.congestion_control,
+                }
+                for c in sorted(self.priority_classes.values(), key=lambda c: -c.rank)
+            },
             "services": {
                 name: {
                     "loadBalancer": svc.load_balancer,
@@ -251,6 +380,14 @@ class MeshConfig:
                 for name, svc in sorted(self.services.items())
             },
             "routes": [_route_dict(route) for route in self.routes],
+            "authorizationPolicies": [_policy_dict(p) for p in self.policies],
+            "mesh": {
+                "mtls": {"mode": self.mesh.mtls_mode},
+                "authorization": {
+                    "default": self.mesh.authz_default,
+                    "dryRun": self.mesh.authz_dry_run,
+                },
+            },
         }
 
 
@@ -280,3 +417,42 @@ def _route_dict(route: HTTPRoute) -> dict[str, object]:
         rules.append(out)
     parents = [{"name": p} for p in route.parent_refs]
     return {"name": route.name, "parentRefs": parents, "rules": rules}
+
+
+def _policy_dict(policy: AuthorizationPolicy) -> dict[str, object]:
+    rules: list[dict[str, object]] = []
+    for rule in policy.rules:
+        out: dict[str, object] = {}
+        if rule.sources:
+            out["from"] = [
+                {
+                    **({"identities": list(s.identities)} if s.identities else {}),
+                    **({"services": list(s.services)} if s.services else {}),
+                }
+                for s in rule.sources
+            ]
+        if rule.operations:
+            out["to"] = [
+                {
+                    **({"methods": list(o.methods)} if o.methods else {}),
+                    **(
+                        {"paths": [{"prefix" if p.prefix else "exact": p.value} for p in o.paths]}
+                        if o.paths
+                        else {}
+                    ),
+                    **(
+                        {"headers": [{"name": h.name, "value": h.value} for h in o.headers]}
+                        if o.headers
+                        else {}
+                    ),
+                }
+                for o in rule.operations
+            ]
+        rules.append(out)
+    return {
+        "name": policy.name,
+        "targetRef": {"name": policy.target},
+        "action": policy.action,
+        "dryRun": policy.dry_run,
+        "rules": rules,
+    }

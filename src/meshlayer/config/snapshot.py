@@ -31,6 +31,7 @@ from typing import Any
 from meshlayer.config.errors import ConfigError
 from meshlayer.config.load import parse_address, parse_documents
 from meshlayer.config.model import Endpoint, MeshConfig, Service
+from meshlayer.config.priority import merge_defaults
 
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -74,9 +75,12 @@ def registered_endpoints(data: Mapping[str, Any], doc: str) -> dict[str, tuple[E
                 raise ConfigError(
                     doc, f"{where}.healthy", f"must be true or false, got {healthy!r}"
                 )
+            identity = entry.get("identity", "")
+            if not isinstance(identity, str):
+                raise ConfigError(doc, f"{where}.identity", f"must be a string, got {identity!r}")
             if healthy and (host, port) not in seen:
                 seen.add((host, port))
-                eps.append(Endpoint(host, port, meshed=True))
+                eps.append(Endpoint(host, port, meshed=True, identity=identity))
         out[name] = tuple(eps)
     return out
 
@@ -104,12 +108,20 @@ def config_from_snapshot(data: object, source: str) -> MeshConfig:
     resources = data.get("resources", [])
     if not isinstance(resources, list):
         raise ConfigError(doc, "resources", "must be a list of documents")
-    services, routes = parse_documents(resources, doc, strict_refs=False)
+    services, routes, classes, policies, mesh = parse_documents(resources, doc, strict_refs=False)
     merged: dict[str, Service] = {s.name: s for s in services}
     for name, eps in registered_endpoints(data, doc).items():
         svc = merged.get(name)
         merged[name] = _merge(svc if svc is not None else Service(name), eps)
-    return MeshConfig(merged, str(version), source, tuple(routes))
+    return MeshConfig(
+        merged,
+        str(version),
+        source,
+        tuple(routes),
+        priority_classes=merge_defaults(classes),
+        policies=tuple(policies),
+        mesh=mesh,
+    )
 
 
 def carry_endpoints(
@@ -131,7 +143,7 @@ def carry_endpoints(
         listed = {e.get("address") for e in merged.get(name, []) if isinstance(e, Mapping)}
         for e in entries:
             if e.get("healthy", True) and e.get("address") not in listed:
-                merged.setdefault(name, []).append({"address": e["address"], "healthy": True})
+                merged.setdefault(name, []).append({**e, "healthy": True})
                 carried.setdefault(name, []).append(str(e["address"]))
     if not carried:
         return dict(data), {}

@@ -11,10 +11,15 @@ key prefix (default ``/meshlayer/``)::
     PREFIX m/reg/SIDECAR          a registry entry, attached to an etcd lease
     PREFIX m/down/KEY             a static endpoint failing its health check
     PREFIX s/SIDECAR              what a sidecar last applied (not mesh state)
+    PREFIX w/SIDECAR              which control process holds its watch stream (same)
+    PREFIX b/NAME                 a blob: CA state, join tokens (compare-and-set)
+    PREFIX id                     the store's identity: a random id, created once
 
 Everything that makes up the mesh is under ``m/``, so one range read of
 ``m/`` is a consistent snapshot and one watch of ``m/`` sees every change,
-while acknowledgements (``s/``) neither show up in the watch nor count.
+while acknowledgements (``s/``) and stream holders (``w/``) neither show up
+in the watch nor count. Both are put on the sidecar's registration lease, so
+they go when it does.
 
 **Mesh version.** The mesh version is the ``mod_revision`` of the
 ``m/version`` key. Every write of mesh state (apply, delete, register,
@@ -48,6 +53,12 @@ seconds, at least 1); renew is a lease keep-alive; deregister deletes the
 key with the version put and revokes the lease. ``set_health`` rewrites the
 key keeping its lease.
 
+**Identity.** The first control process to open the prefix puts ``id``
+with a transaction guarded by ``create_revision(id) == 0``; the others (and
+it, when another won) read the winner's value. Snapshots read it in the same
+transaction as ``m/``, so a prefix wiped under a running control process
+shows up as a new id (created again on the next read).
+
 **Failover** between etcd members is the client's job
 (:mod:`meshlayer.control.etcd_client`): short timeouts, the next endpoint,
 ``Unavailable`` when none answers. A write whose answer was lost may be
@@ -62,6 +73,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -147,6 +159,9 @@ class EtcdStore:
         self._reg = self._mesh + "reg/"
         self._down = self._mesh + "down/"
         self._status = self.prefix + "s/"
+        self._streams = self.prefix + "w/"
+        self._blobs = self.prefix + "b/"
+        self._id_key = self.prefix + "id"
         self._version_op = _put(self._version_key, "")
         self._leases: dict[str, int] = {}  # sidecar -> lease id, as last seen
         self._seen = 0  # newest mesh version this process knows of
@@ -210,6 +225,7 @@ class EtcdStore:
         if self._open:
             return
         self._seen = await self.version()  # also says whether etcd answers
+        await self.identity()
         self._open = True
 
     async def close(self) -> None:
@@ -225,6 +241,31 @@ class EtcdStore:
     async def version(self) -> int:
         kv = await self._get_kv(self._version_key)
         return _rev(kv) if kv else 0
+
+    async def identity(self) -> str:
+        kv = await self._get_kv(self._id_key)
+        return unb64(kv.get("value", "")).decode() if kv else await self._create_identity()
+
+    async def _create_identity(self) -> str:
+        """Put a new id unless one exists; the id that is stored either way."""
+        mine = "e" + uuid.uuid4().hex
+        answer = await self._txn(
+            [
+                {
+                    "target": "CREATE",
+                    "key": b64(self._id_key),
+                    "result": "EQUAL",
+                    "create_revision": "0",
+                }
+            ],
+            [_put(self._id_key, mine)],
+            [_range(self._id_key)],
+        )
+        if answer.get("succeeded"):
+            log.info("new store: identity %s under %s", mine, self.prefix)
+            return mine
+        kvs = answer["responses"][0].get("response_range", {}).get("kvs", [])
+        return unb64(kvs[0].get("value", "")).decode() if kvs else mine
 
     # -- resources --------------------------------------------------------
 
@@ -410,6 +451,7 @@ class EtcdStore:
             [
                 {"request_delete_range": {"key": b64(key)}},
                 {"request_delete_range": {"key": b64(self._status + sidecar)}},
+                {"request_delete_range": {"key": b64(self._streams + sidecar)}},
                 self._version_put(),
             ],
         )
@@ -474,22 +516,59 @@ class EtcdStore:
             },
             separators=(",", ":"),
         )
-        key = self._status + status.sidecar
-        # Attached to the registration's lease, a report goes when the sidecar's entry does.
-        lease = self._leases.get(status.sidecar)
+        await self._put_on_lease(status.sidecar, self._status + status.sidecar, value)
+
+    async def _put_on_lease(
+        self, sidecar: str, key: str, value: str, need_lease: bool = False
+    ) -> None:
+        """Put ``key`` on the sidecar's registration lease, so it goes when the entry does
+        (without one: a plain key, or nothing when ``need_lease``)."""
+        lease = self._leases.get(sidecar)
         for _ in range(2):
             if lease is None:
-                kv = await self._get_kv(self._reg + status.sidecar)
+                kv = await self._get_kv(self._reg + sidecar)
                 lease = int(kv.get("lease", 0)) if kv else 0
+            if not lease and need_lease:
+                return
             try:
                 await self._client.call("/v3/kv/put", _put(key, value, lease)["request_put"])
                 return
             except EtcdError as exc:
                 if exc.code != _NOT_FOUND:
                     raise StoreError(f"{self.description}: {exc}") from None
-                self._leases.pop(status.sidecar, None)  # re-registered since: read it again
+                self._leases.pop(sidecar, None)  # re-registered since: read it again
                 lease = None
-        await self._call("/v3/kv/put", _put(key, value)["request_put"])
+        if not need_lease:
+            await self._call("/v3/kv/put", _put(key, value)["request_put"])
+
+    async def set_stream(self, sidecar: str, holder: str) -> None:
+        await self._put_on_lease(sidecar, self._streams + sidecar, holder, need_lease=True)
+
+    async def clear_stream(self, sidecar: str, holder: str) -> None:
+        key = self._streams + sidecar
+        await self._txn(
+            [{"target": "VALUE", "key": b64(key), "result": "EQUAL", "value": b64(holder)}],
+            [{"request_delete_range": {"key": b64(key)}}],
+        )
+
+    async def streams(self) -> dict[str, str]:
+        answer = await self._txn(
+            [],
+            [
+                {"request_range": {"key": b64(p), "range_end": prefix_end(p), "keys_only": k}}
+                for p, k in ((self._streams, False), (self._reg, True))
+            ],
+        )
+        stream_kvs, reg_kvs = (
+            r.get("response_range", {}).get("kvs", []) for r in answer["responses"]
+        )
+        live = {unb64(kv["key"]).decode()[len(self._reg) :] for kv in reg_kvs}
+        out = {}
+        for kv in stream_kvs:
+            sidecar = unb64(kv["key"]).decode()[len(self._streams) :]
+            if sidecar in live:
+                out[sidecar] = unb64(kv.get("value", "")).decode()
+        return out
 
     async def statuses(self) -> list[SidecarStatus]:
         answer = await self._txn(
@@ -519,7 +598,16 @@ class EtcdStore:
     # -- snapshots and changes ---------------------------------------------
 
     async def snapshot(self) -> Snapshot:
-        _, kvs = await self._range_prefix(self._mesh)
+        answer = await self._txn(
+            [],
+            [
+                {"request_range": {"key": b64(self._mesh), "range_end": prefix_end(self._mesh)}},
+                _range(self._id_key),
+            ],
+        )
+        mesh, ident = (r.get("response_range", {}).get("kvs", []) for r in answer["responses"])
+        kvs = list(mesh)
+        store = unb64(ident[0].get("value", "")).decode() if ident else await self.identity()
         version = 0
         resources: list[Resource] = []
         regs: list[Registration] = []
@@ -544,7 +632,26 @@ class EtcdStore:
             tuple(sorted(resources, key=lambda r: (r.kind, r.name))),
             {svc: tuple(v) for svc, v in endpoints.items()},
             frozenset(down),
+            store,
         )
+
+    async def get_blob(self, name: str) -> bytes | None:
+        kv = await self._get_kv(self._blobs + name)
+        return None if kv is None else unb64(str(kv.get("value", "")))
+
+    async def put_blob(
+        self, name: str, data: bytes, expect: bytes | None, bump: bool = False
+    ) -> bool:
+        key = self._blobs + name
+        if expect is None:
+            cmp = {"target": "CREATE", "key": b64(key), "result": "EQUAL", "create_revision": "0"}
+        else:
+            cmp = {"target": "VALUE", "key": b64(key), "result": "EQUAL", "value": b64(expect)}
+        ops = [{"request_put": {"key": b64(key), "value": b64(data)}}]
+        if bump:
+            ops.append(self._version_put())
+        answer = await self._txn([cmp], ops)
+        return bool(answer.get("succeeded"))
 
     def _notify(self, version: int) -> None:
         """A newer mesh version is known (our own write, or the watch saw one)."""

@@ -8,7 +8,9 @@ listener, which forwards the probe to its app, so the check covers both)
 and the static ``spec.endpoints`` (``meshed: false`` servers and fixed peer
 sidecars). A probe is ``GET <path>`` with ``Host: <service>`` on a fresh
 connection; a 2xx status within ``timeout`` is a pass, anything else
-(refused, reset, timeout, other status) a failure.
+(refused, reset, timeout, other status) a failure. A registered sidecar that
+holds a mesh certificate is probed over mTLS with the control plane's own
+certificate, and must present its service's SPIFFE ID.
 
 One asyncio task per (target, check) runs the probes every ``interval``.
 ``unhealthyThreshold`` consecutive failures mark a healthy endpoint down,
@@ -28,7 +30,11 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from cryptography import x509
 
 from meshlayer.config.errors import ConfigError
 from meshlayer.config.load import parse_address, parse_documents
@@ -52,8 +58,19 @@ class Target:
     """Health recorded in the store when the target was found."""
 
 
-async def probe(address: str, service: str, path: str, timeout: float) -> int | None:
-    """GET ``path`` on ``address``; the status, or None if no valid answer came in time."""
+async def probe(
+    address: str,
+    service: str,
+    path: str,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
+    peer_id: str | None = None,
+) -> int | None:
+    """GET ``path`` on ``address``; the status, or None if no valid answer came in time.
+
+    With ``tls`` the probe speaks mTLS (a meshed sidecar's inbound listener) and,
+    given ``peer_id``, the server's certificate must name that SPIFFE ID.
+    """
     try:
         host, port = parse_address(address)
     except ValueError:
@@ -61,13 +78,15 @@ async def probe(address: str, service: str, path: str, timeout: float) -> int | 
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port, ssl=tls)
+            if tls is not None and peer_id is not None and _peer_id(writer) != peer_id:
+                return None
             writer.write(
                 f"GET {path} HTTP/1.1\r\nhost: {service}\r\n"
                 "user-agent: meshlayer-health\r\nconnection: close\r\n\r\n".encode("latin-1")
             )
             line = await reader.readline()
-    except (OSError, TimeoutError, ValueError):
+    except (OSError, TimeoutError, ValueError, ssl.SSLError):
         return None
     finally:
         if writer is not None:
@@ -76,6 +95,24 @@ async def probe(address: str, service: str, path: str, timeout: float) -> int | 
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
         return None
     return int(parts[1])
+
+
+def _peer_id(writer: asyncio.StreamWriter) -> str | None:
+    sslobj = writer.get_extra_info("ssl_object")
+    der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+    if not der:
+        return None
+    try:
+        ext = x509.load_der_x509_certificate(der).extensions
+        uris = ext.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    names = uris.get_values_for_type(x509.UniformResourceIdentifier)
+    return names[0] if len(names) == 1 else None
+
+
+TlsFor = Callable[[Target], Awaitable[tuple[ssl.SSLContext, str] | None]]
+"""Whether to probe a target over mTLS: (client context, expected SPIFFE ID) or None."""
 
 
 def targets(snap: Snapshot) -> dict[tuple[str, str, HealthCheck], Target]:
@@ -105,8 +142,9 @@ def targets(snap: Snapshot) -> dict[tuple[str, str, HealthCheck], Target]:
 class HealthChecker:
     """Runs the probes of every checked endpoint."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, tls_for: TlsFor | None = None) -> None:
         self.store = store
+        self.tls_for = tls_for
         self._probes: dict[tuple[str, str, HealthCheck], asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -170,7 +208,15 @@ class HealthChecker:
         passes = fails = 0
         await asyncio.sleep(random.uniform(0, check.interval))  # spread the probes
         while True:
-            status = await probe(target.address, target.service, check.path, check.timeout)
+            tls = await self.tls_for(target) if self.tls_for is not None else None
+            status = await probe(
+                target.address,
+                target.service,
+                check.path,
+                check.timeout,
+                tls[0] if tls else None,
+                tls[1] if tls else None,
+            )
             ok = status is not None and 200 <= status < 300
             if ok:
                 passes, fails = passes + 1, 0

@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl as _ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ class Request:
     """Lower-cased names; repeated fields joined with ", "."""
     body: bytes
     peer: str = ""
+    peer_cert: bytes | None = None
+    """DER of the verified client certificate (TLS listeners only)."""
 
     def json(self) -> Any:
         """The body as JSON; HTTPError 400 if it is not."""
@@ -156,8 +159,10 @@ class HttpServer:
         port: int,
         max_body: int = MAX_BODY,
         idle_timeout: float = 120.0,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         self.handler = handler
+        self.ssl = ssl
         self.host = host
         self.port = port
         self.max_body = max_body
@@ -167,7 +172,13 @@ class HttpServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, reuse_address=True, limit=READ_SIZE
+            self._serve,
+            self.host,
+            self.port,
+            reuse_address=True,
+            limit=READ_SIZE,
+            ssl=self.ssl,
+            ssl_handshake_timeout=10.0 if self.ssl is not None else None,
         )
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
@@ -210,6 +221,8 @@ class _Connection:
         self.events: deque[object] = deque()
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
+        tls = writer.get_extra_info("ssl_object")
+        self.peer_cert: bytes | None = tls.getpeercert(binary_form=True) if tls else None
 
     async def _next(self) -> object | None:
         """The next parser event; None when the client closed."""
@@ -255,6 +268,7 @@ class _Connection:
                 elif isinstance(ev, EndOfMessage):
                     break
             req = _request(head, bytes(body), self.peer)
+            req.peer_cert = self.peer_cert
             resp = await self._handle(req)
             close = not head.keep_alive or self.parser.tunnel
             if isinstance(resp, Stream) and req.method == "HEAD":

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from meshlayer import __version__
+from meshlayer.config.load import KINDS
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -63,7 +64,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["apiVersion", "kind", "metadata", "spec"],
         "properties": {
             "apiVersion": {"const": "meshlayer/v1"},
-            "kind": {"type": "string", "enum": ["Service", "HTTPRoute"]},
+            "kind": {"type": "string", "enum": list(KINDS)},
             "metadata": {
                 "type": "object",
                 "required": ["name"],
@@ -158,6 +159,50 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "version": {"type": "integer"},
             "error": {"type": ["string", "null"]},
+            "cert": _ref("CertReport"),
+        },
+    },
+    "CertReport": {
+        "type": "object",
+        "description": "The certificate a sidecar holds now (for trust-anchor rotation).",
+        "required": ["issuer", "notAfter"],
+        "properties": {
+            "issuer": {"type": "string", "description": "SHA-256 fingerprint of its root"},
+            "notAfter": {"type": "integer", "description": "unix time"},
+        },
+    },
+    "Certificate": {
+        "type": "object",
+        "properties": {
+            "certificate": {"type": "string", "description": "PEM leaf"},
+            "chain": {"type": "array", "items": {"type": "string"}},
+            "roots": {"type": "array", "items": {"type": "string"}, "description": "bundle"},
+            "expires": {"type": "integer"},
+            "issuer": {"type": "string", "description": "fingerprint of the signing root"},
+            "generation": {"type": "integer"},
+            "mesh": {"type": ["string", "null"], "description": "mesh listener HOST:PORT"},
+            "trustDomain": {"type": "string"},
+            "identity": {"type": "string", "description": "the SPIFFE ID issued"},
+        },
+    },
+    "CA": {
+        "type": "object",
+        "properties": {
+            "trustDomain": {"type": "string"},
+            "generation": {"type": "integer"},
+            "roots": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "fingerprint": {"type": "string"},
+                        "notAfter": {"type": "integer"},
+                        "signing": {"type": "boolean"},
+                        "subject": {"type": "string"},
+                        "pem": {"type": "string", "description": "the root certificate"},
+                    },
+                },
+            },
         },
     },
     "Status": {
@@ -166,7 +211,11 @@ SCHEMAS: dict[str, Any] = {
             "version": {"type": "integer"},
             "store": {
                 "type": "object",
-                "properties": {"ok": {"type": "boolean"}, "detail": {"type": "string"}},
+                "properties": {
+                    "ok": {"type": "boolean"},
+                    "detail": {"type": "string"},
+                    "id": {"type": "string", "description": "the store's identity"},
+                },
             },
             "sidecars": {
                 "type": "array",
@@ -181,8 +230,9 @@ SCHEMAS: dict[str, Any] = {
                         "error": {"type": ["string", "null"]},
                         "connected": {
                             "type": "boolean",
-                            "description": "has an open watch stream on this control process",
+                            "description": "has a watch stream open on any control process",
                         },
+                        "cert": {"oneOf": [_ref("CertReport"), {"type": "null"}]},
                     },
                 },
             },
@@ -310,9 +360,9 @@ PATHS: dict[str, Any] = {
     "/v1/watch": {
         "get": {
             "summary": "Server-sent events: a snapshot now and after every mesh version change",
-            "description": "event: snapshot, id: <version>, data: {version, resources, "
-            "endpoints: {service: [{address, healthy}]}}; coalesced; ': keep-alive' "
-            "comments while idle.",
+            "description": "event: snapshot, id: <version>, data: {version, store, resources, "
+            "endpoints: {service: [{address, healthy, identity}]}, trust: {domain, roots, "
+            "generation}}; coalesced; ': keep-alive' comments while idle.",
             "parameters": [
                 {"name": "sidecar", "in": "query", "required": True, "schema": {"type": "string"}}
             ],
@@ -340,6 +390,109 @@ PATHS: dict[str, Any] = {
                 "content": {"application/json": {"schema": _ref("Report")}},
             },
             "responses": {"204": {"description": "recorded"}, "400": _err("bad report")},
+        }
+    },
+    "/v1/tokens": {
+        "post": {
+            "summary": "Create a join token for one service (admin token required)",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["service"],
+                            "properties": {
+                                "service": {"type": "string"},
+                                "ttl": {"type": "number", "description": "seconds (24h)"},
+                                "singleUse": {
+                                    "type": "boolean",
+                                    "description": "one certificate only (default: reusable "
+                                    "until it expires)",
+                                },
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "token": {"type": "string"},
+                            "service": {"type": "string"},
+                            "expires": {"type": "integer"},
+                            "singleUse": {"type": "boolean"},
+                        },
+                    },
+                    "the token (shown once)",
+                ),
+                "401": _err("no admin token"),
+                "403": _err("wrong admin token"),
+            },
+        }
+    },
+    "/v1/certificates": {
+        "post": {
+            "summary": "Sign a CSR: join token (API listener) or client certificate (mesh)",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"type": "object", "properties": {"csr": {"type": "string"}}}
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(_ref("Certificate"), "issued"),
+                "400": _err("bad CSR: key, SANs, CA requested"),
+                "401": _err("no, unknown, used or expired join token"),
+                "403": _err("the CSR asks for another identity than the caller's"),
+            },
+        }
+    },
+    "/v1/ca": {
+        "get": {
+            "summary": "Trust domain, roots (bundle), signing root, generation",
+            "responses": {"200": _json(_ref("CA"), "the CA")},
+        }
+    },
+    "/v1/ca/rotate": {
+        "post": {
+            "summary": "One trust-anchor rotation step: add, switch, retire (admin token)",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["phase"],
+                            "properties": {
+                                "phase": {"enum": ["add", "switch", "retire"]},
+                                "force": {"type": "boolean"},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "phase": {"type": "string"},
+                            "generation": {"type": "integer"},
+                            "signing": {"type": "string"},
+                            "roots": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                    "done",
+                ),
+                "409": _err(
+                    "not yet: sidecars lag (waiting: [ids]) or the step does not apply now"
+                ),
+            },
         }
     },
 }

@@ -23,10 +23,17 @@ _KIND_NAMES: dict[str, str] = {}
 for _kind in KINDS:
     _KIND_NAMES[_kind.lower()] = _kind
     _KIND_NAMES[_kind.lower() + "s"] = _kind
+    if _kind.endswith(("s", "sh", "ch", "x")):  # priorityclasses, meshes
+        _KIND_NAMES[_kind.lower() + "es"] = _kind
+    elif _kind.endswith("y"):  # authorizationpolicies
+        _KIND_NAMES[_kind.lower()[:-1] + "ies"] = _kind
+SHORT_NAMES = {"svc": "Service", "route": "HTTPRoute", "routes": "HTTPRoute", "pc": "PriorityClass"}
+"""Short names accepted wherever a kind is (``get svc``, ``describe svc``, ``delete route``)."""
+_KIND_NAMES.update({k: v for k, v in SHORT_NAMES.items() if v in KINDS})
 
 
 def canonical_kind(text: str) -> str:
-    """``services``, ``Service``, ``httproute`` ... → the canonical kind; 404 if unknown."""
+    """``services``, ``Service``, ``svc``, ``route`` ... → the canonical kind; 404 if unknown."""
     kind = _KIND_NAMES.get(text.lower())
     if kind is None:
         raise HTTPError(404, "not-found", f"unknown kind {text!r}; known kinds: {', '.join(KINDS)}")

@@ -14,6 +14,10 @@ leaves the old or the new state, never a mix.
 process being killed (the WAL is in the OS cache); a power cut may lose the
 last few commits but never leaves a half-written one.
 
+The store's identity (:meth:`identity`) is the ``store`` row of ``meta``,
+a random hex id inserted (if absent) when the file is opened; a copy of the
+file is the same store, a new file is another.
+
 Leases are wall-clock expiry times (``time.time()``), so several control
 processes sharing the file agree on them. A sweeper task deletes lapsed
 entries in a transaction that raises the version. ``changes()`` is woken by
@@ -22,6 +26,12 @@ same file, by polling the version row every ``poll_interval`` seconds.
 
 Health of *static* endpoints (``spec.endpoints`` of a ``Service``) is kept
 as a set of failing keys (:func:`static_key`) in the ``down`` table.
+
+Failpoint (tests only): ``MESHLAYER_FAILPOINT=sqlite-apply-after-first-write:SECONDS``,
+read once when the store opens, makes every apply that writes sleep SECONDS
+after writing its first document, inside the transaction, after logging
+``failpoint sqlite-apply-after-first-write: ...``. A test waits for that line
+and kills the process to show that a half-done apply leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -30,8 +40,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,6 +66,24 @@ log = logging.getLogger("meshlayer.control.store")
 
 T = TypeVar("T")
 
+FAILPOINT_ENV = "MESHLAYER_FAILPOINT"
+APPLY_FAILPOINT = "sqlite-apply-after-first-write"
+
+
+def apply_failpoint(value: str | None) -> float:
+    """Seconds to sleep inside an apply after its first write (0: no failpoint)."""
+    if not value:
+        return 0.0
+    name, _, seconds = value.partition(":")
+    if name != APPLY_FAILPOINT:
+        return 0.0
+    try:
+        return max(0.0, float(seconds or "0"))
+    except ValueError:
+        log.warning("%s=%r: SECONDS is not a number; ignored", FAILPOINT_ENV, value)
+        return 0.0
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0), ('schema', 1);
@@ -66,6 +96,9 @@ CREATE TABLE IF NOT EXISTS registry (
 CREATE TABLE IF NOT EXISTS status (
     sidecar TEXT PRIMARY KEY, applied INTEGER NOT NULL, error TEXT, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS down (key TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS streams (
+    sidecar TEXT PRIMARY KEY, holder TEXT NOT NULL, since REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, data BLOB NOT NULL);
 """
 
 
@@ -89,6 +122,7 @@ class SqliteStore:
         self._tasks: list[asyncio.Task[None]] = []
         self._seen = 0  # newest version this process knows of
         self._bump = asyncio.Event()
+        self._apply_pause = 0.0  # the test-only failpoint, read at open
 
     # -- plumbing ---------------------------------------------------------
 
@@ -128,6 +162,11 @@ class SqliteStore:
         return int(row[0])
 
     @staticmethod
+    def _identity(db: sqlite3.Connection) -> str:
+        row = db.execute("SELECT value FROM meta WHERE key = 'store'").fetchone()
+        return str(row[0]) if row else ""
+
+    @staticmethod
     def _next_version(db: sqlite3.Connection) -> int:
         db.execute("UPDATE meta SET value = value + 1 WHERE key = 'version'")
         return SqliteStore._version(db)
@@ -137,6 +176,13 @@ class SqliteStore:
     async def open(self) -> None:
         if self._db is not None:
             return
+        self._apply_pause = apply_failpoint(os.environ.get(FAILPOINT_ENV))
+        if self._apply_pause:
+            log.warning(
+                "failpoint %s armed: applies sleep %gs after their first write (tests only)",
+                APPLY_FAILPOINT,
+                self._apply_pause,
+            )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-store")
 
         def connect() -> sqlite3.Connection:
@@ -149,6 +195,11 @@ class SqliteStore:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
             db.executescript(SCHEMA)
+            # 's' + hex: never looks like a number, so the INTEGER column keeps it as text
+            db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('store', ?)",
+                ("s" + uuid.uuid4().hex,),
+            )
             return db
 
         loop = asyncio.get_running_loop()
@@ -184,6 +235,9 @@ class SqliteStore:
     async def version(self) -> int:
         return await self._run(self._version)
 
+    async def identity(self) -> str:
+        return await self._run(self._identity)
+
     # -- resources --------------------------------------------------------
 
     async def apply(self, writes: Sequence[Write]) -> ApplyResult:
@@ -214,6 +268,7 @@ class SqliteStore:
             if all(action == "unchanged" for *_, action in planned):
                 return ApplyResult(current, tuple(_action(p) for p in planned))
             self._next_version(db)
+            written = 0
             for w, text, rv, action in planned:
                 if action != "unchanged":
                     db.execute(
@@ -221,6 +276,18 @@ class SqliteStore:
                         "VALUES (?, ?, ?, ?)",
                         (w.resource.kind, w.resource.name, text, rv),
                     )
+                    written += 1
+                    if written == 1 and self._apply_pause:
+                        log.warning(
+                            "failpoint %s: wrote %s/%s of version %d, sleeping %gs "
+                            "inside the transaction",
+                            APPLY_FAILPOINT,
+                            w.resource.kind,
+                            w.resource.name,
+                            new,
+                            self._apply_pause,
+                        )
+                        time.sleep(self._apply_pause)  # the store's own thread: test only
             return ApplyResult(new, tuple(_action(p) for p in planned))
 
         result = await self._write(tx)
@@ -301,6 +368,7 @@ class SqliteStore:
         def tx(db: sqlite3.Connection) -> int | None:
             gone = db.execute("DELETE FROM registry WHERE sidecar = ?", (sidecar,)).rowcount
             db.execute("DELETE FROM status WHERE sidecar = ?", (sidecar,))
+            db.execute("DELETE FROM streams WHERE sidecar = ?", (sidecar,))
             return self._next_version(db) if gone else None
 
         version = await self._write(tx)
@@ -350,6 +418,30 @@ class SqliteStore:
 
         return await self._run(q)
 
+    async def set_stream(self, sidecar: str, holder: str) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO streams (sidecar, holder, since) VALUES (?, ?, ?)",
+                (sidecar, holder, time.time()),
+            )
+
+        await self._write(tx)
+
+    async def clear_stream(self, sidecar: str, holder: str) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM streams WHERE sidecar = ? AND holder = ?", (sidecar, holder))
+
+        await self._write(tx)
+
+    async def streams(self) -> dict[str, str]:
+        def q(db: sqlite3.Connection) -> dict[str, str]:
+            rows = db.execute(
+                "SELECT w.sidecar, w.holder FROM streams w JOIN registry r ON r.sidecar = w.sidecar"
+            ).fetchall()
+            return {str(r[0]): str(r[1]) for r in rows}
+
+        return await self._run(q)
+
     # -- snapshots and changes ---------------------------------------------
 
     async def snapshot(self) -> Snapshot:
@@ -362,6 +454,7 @@ class SqliteStore:
                 for reg in _registrations(db, time.time()):
                     endpoints.setdefault(reg.service, []).append(reg)
                 down = frozenset(r[0] for r in db.execute("SELECT key FROM down"))
+                ident = self._identity(db)
             finally:
                 db.execute("COMMIT")
             return Snapshot(
@@ -369,9 +462,33 @@ class SqliteStore:
                 tuple(resources),
                 {svc: tuple(regs) for svc, regs in endpoints.items()},
                 down,
+                ident,
             )
 
         return await self._run(q)
+
+    async def get_blob(self, name: str) -> bytes | None:
+        def q(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute("SELECT data FROM blobs WHERE name = ?", (name,)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._run(q)
+
+    async def put_blob(
+        self, name: str, data: bytes, expect: bytes | None, bump: bool = False
+    ) -> bool:
+        def tx(db: sqlite3.Connection) -> int | None:
+            row = db.execute("SELECT data FROM blobs WHERE name = ?", (name,)).fetchone()
+            have = None if row is None else bytes(row[0])
+            if have != expect:
+                return None
+            db.execute("INSERT OR REPLACE INTO blobs (name, data) VALUES (?, ?)", (name, data))
+            return self._next_version(db) if bump else 0
+
+        version = await self._write(tx)
+        if version:
+            self._notify(version)
+        return version is not None
 
     def changes(self) -> AsyncIterator[int]:
         return _Changes(self, self._seen)
@@ -399,6 +516,7 @@ class SqliteStore:
             for sid in ids:
                 db.execute("DELETE FROM registry WHERE sidecar = ?", (sid,))
                 db.execute("DELETE FROM status WHERE sidecar = ?", (sid,))
+                db.execute("DELETE FROM streams WHERE sidecar = ?", (sid,))
             return self._next_version(db), [f"{r[0]} ({r[1]} at {r[2]})" for r in rows]
 
         while True:

@@ -9,9 +9,22 @@ A store holds three things:
   (``resourceVersion``);
 * **registry entries**: one per registered sidecar (service, inbound address,
   health), alive only while its lease is renewed;
-* **sidecar status**: the mesh version each sidecar last applied or rejected.
-  Status writes do *not* change the mesh version (otherwise every
+* **sidecar status**: the mesh version each sidecar last applied or rejected,
+  and which control process holds its watch stream (``set_stream``: written
+  by that process when the stream opens, cleared when it closes, gone with
+  the registration, so a killed control process's claims last at most a
+  lease). Status writes do *not* change the mesh version (otherwise every
   acknowledgement would trigger a new push).
+
+It also keeps **blobs**: named opaque values written with compare-and-set
+(the CA's roots and keys, join-token records, which root each sidecar's
+certificate comes from), so several control processes share them.
+
+Every store has an **identity**: a random id created with it (SQLite: a row
+of the ``meta`` table; etcd: a key under the prefix, created by whichever
+control process opens the store first). It travels in every snapshot
+(``"store"``), so a sidecar can tell a store that is behind it (same id, an
+older version: ignored) from a new, empty one (another id: followed).
 
 The **mesh version** is one integer that every change to resources or to the
 registry raises; it never goes backwards. SQLite keeps it as a counter in the
@@ -138,6 +151,8 @@ class Snapshot:
     endpoints: dict[str, tuple[Registration, ...]] = field(default_factory=dict)
     down: frozenset[str] = frozenset()
     """Static endpoints failing their active health check, as :func:`static_key` keys."""
+    store: str = ""
+    """The store's identity (:meth:`Store.identity`); "" when unknown."""
 
     def to_json(self) -> dict[str, Any]:
         """The ``data`` of a watch-stream ``snapshot`` event.
@@ -146,8 +161,10 @@ class Snapshot:
         ``spec.endpoints`` here (the stored resource keeps them), so a sidecar
         takes them out of rotation without knowing about health checks.
         """
-        return {
-            "version": self.version,
+        out: dict[str, Any] = {"version": self.version}
+        if self.store:
+            out["store"] = self.store
+        return out | {
             "resources": [_without_down(r, self.down).to_doc() for r in self.resources],
             "endpoints": {
                 svc: [{"address": r.address, "healthy": r.healthy} for r in regs]
@@ -207,6 +224,9 @@ class Store(Protocol):
     async def version(self) -> int:
         """Current mesh version."""
 
+    async def identity(self) -> str:
+        """The store's random id, created with the store (see the module docstring)."""
+
     async def apply(self, writes: Sequence[Write]) -> ApplyResult:
         """Write all documents at one new version, or none. Raises Conflict."""
 
@@ -245,8 +265,29 @@ class Store(Protocol):
     async def statuses(self) -> list[SidecarStatus]:
         """Last reports of the sidecars that are still registered."""
 
+    async def set_stream(self, sidecar: str, holder: str) -> None:
+        """Record that ``holder`` (a control process's stream id) serves the sidecar's
+        watch stream now, replacing any other holder; does not raise the mesh version."""
+
+    async def clear_stream(self, sidecar: str, holder: str) -> None:
+        """Forget the sidecar's stream if ``holder`` still holds it (a newer stream
+        elsewhere stays); does not raise the mesh version."""
+
+    async def streams(self) -> dict[str, str]:
+        """Holder of each registered sidecar's watch stream, by sidecar id."""
+
     async def snapshot(self) -> Snapshot:
         """All resources and live registrations at one consistent version."""
+
+    async def get_blob(self, name: str) -> bytes | None:
+        """A named opaque value (CA state, join tokens, certificate reports), or None."""
+
+    async def put_blob(
+        self, name: str, data: bytes, expect: bytes | None, bump: bool = False
+    ) -> bool:
+        """Compare-and-set: write ``data`` if the stored value equals ``expect``
+        (None: only if absent); False when it does not. ``bump`` raises the mesh
+        version in the same write, so watch streams push a new snapshot."""
 
     def changes(self) -> AsyncIterator[int]:
         """Yield the new mesh version after each change (coalescing is fine).

@@ -16,6 +16,12 @@ skips the ones in between (coalescing). A client that takes no bytes for
 ``STALL`` seconds while data waits is dropped (it reconnects and gets the
 current snapshot). An idle stream writes a ``: keep-alive`` comment every
 ``keepalive`` seconds.
+
+So that every control process sharing the store can tell whether a sidecar
+is connected, a stream records itself in the store when it opens
+(``set_stream``, as ``<hub id>#<n>``) and clears that record when it closes
+(``clear_stream``, only if still its own: a newer stream elsewhere stays).
+These writes run beside the stream and never raise the mesh version.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from meshlayer.control.http import StreamOut, frame_chunk
 from meshlayer.control.store import Snapshot, Store, StoreError
@@ -56,9 +65,13 @@ class Frame:
     """``time.monotonic()`` when the hub published it."""
 
 
-def encode(snap: Snapshot) -> Frame:
-    """The frame of a snapshot."""
-    data = json.dumps(snap.to_json(), separators=(",", ":"))
+Decorate = Callable[[dict[str, Any]], Awaitable[None]]
+"""Adds to a snapshot's JSON before it is encoded (the server adds ``trust``)."""
+
+
+def encode(snap: Snapshot, doc: dict[str, Any] | None = None) -> Frame:
+    """The frame of a snapshot (``doc``: its JSON, if already made and decorated)."""
+    data = json.dumps(doc if doc is not None else snap.to_json(), separators=(",", ":"))
     event = f"event: snapshot\nid: {snap.version}\ndata: {data}\n\n".encode()
     return Frame(snap.version, frame_chunk(event), time.monotonic())
 
@@ -76,14 +89,21 @@ class _Watcher:
 class WatchHub:
     """Follows the store and serves watch streams."""
 
-    def __init__(self, store: Store, keepalive: float = 5.0) -> None:
+    def __init__(
+        self, store: Store, keepalive: float = 5.0, decorate: Decorate | None = None
+    ) -> None:
         self.store = store
+        self.decorate = decorate
         self.keepalive = keepalive
         self.frame: Frame | None = None
         self._watchers: set[_Watcher] = set()
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._lock = asyncio.Lock()
+        self.id = uuid.uuid4().hex[:12]
+        """This control process's id in stream records."""
+        self._streams = 0
+        self._marks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._follow(), name="watch-hub")
@@ -93,6 +113,31 @@ class WatchHub:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._marks:  # let closed streams clear their records (bounded)
+            await asyncio.wait(set(self._marks), timeout=1.0)
+        for task in list(self._marks):
+            task.cancel()
+
+    def _mark(
+        self, sidecar: str, holder: str, after: asyncio.Task[None] | None
+    ) -> asyncio.Task[None]:
+        """Record (``after`` None) or clear (once ``after``, the record, is done) a stream."""
+
+        async def run() -> None:
+            try:
+                if after is None:
+                    await self.store.set_stream(sidecar, holder)
+                else:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(after)
+                    await self.store.clear_stream(sidecar, holder)
+            except StoreError as exc:
+                log.warning("sidecar %s: cannot record its watch stream: %s", sidecar, exc)
+
+        task = asyncio.create_task(run(), name=f"stream-mark-{holder}")
+        self._marks.add(task)
+        task.add_done_callback(self._marks.discard)
+        return task
 
     def connected(self) -> Counter[str]:
         """Open watch streams per sidecar id on this process."""
@@ -105,11 +150,15 @@ class WatchHub:
             if at_least is not None and self.frame and self.frame.version >= at_least:
                 return
             snap = await self.store.snapshot()
-            self._publish(snap)
+            doc = None
+            if self.decorate is not None:
+                doc = snap.to_json()
+                await self.decorate(doc)
+            self._publish(snap, doc)
 
-    def _publish(self, snap: Snapshot) -> None:
+    def _publish(self, snap: Snapshot, doc: dict[str, Any] | None = None) -> None:
         if self.frame is None or snap.version > self.frame.version:
-            self.frame = encode(snap)
+            self.frame = encode(snap, doc)
             self._ready.set()
             for w in self._watchers:
                 w.wake.set()
@@ -163,6 +212,9 @@ class WatchHub:
             log.warning("watch: store failed at connect: %s", exc)
         w = _Watcher(sidecar, out)
         self._watchers.add(w)
+        self._streams += 1
+        holder = f"{self.id}#{self._streams}"
+        opened = self._mark(sidecar, holder, None)
         log.info("sidecar %s connected (watch streams: %d)", sidecar, len(self._watchers))
         try:
             while True:
@@ -182,4 +234,5 @@ class WatchHub:
             log.warning("sidecar %s: watch stream took no data for %gs; closing it", sidecar, STALL)
         finally:
             self._watchers.discard(w)
+            self._mark(sidecar, holder, opened)
             log.info("sidecar %s disconnected (watch streams: %d)", sidecar, len(self._watchers))

@@ -20,6 +20,10 @@ SLOT = 10
 """Ports per instance block (four used)."""
 CONTROL_OFFSET = 9
 """The control plane listens on ``--port-base`` + this."""
+MESH_OFFSET = 8
+"""The control plane's mesh (mTLS) listener is on ``--port-base`` + this."""
+ADMIN_TOKEN_NAME = "admin-token"
+"""The control plane's generated admin token (in ``STATE_DIR``, mode 0600)."""
 ROWS = ("frontend", "catalog", "reviews")
 """The rows of the summary table (the apps), in call-graph order."""
 
@@ -79,6 +83,10 @@ def control_port(base: int) -> int:
     return base + CONTROL_OFFSET
 
 
+def mesh_port(base: int) -> int:
+    return base + MESH_OFFSET
+
+
 def expected_sidecars(base: int) -> dict[str, str]:
     """Inbound address each sidecar registers → instance name."""
     return {f"{HOST}:{inst.inbound(base)}": inst.name for inst in INSTANCES}
@@ -86,7 +94,7 @@ def expected_sidecars(base: int) -> dict[str, str]:
 
 def busy_ports(base: int) -> list[tuple[int, str]]:
     """The demo's ports something else already listens on (or we may not bind)."""
-    wanted = [(control_port(base), "control plane")]
+    wanted = [(control_port(base), "control plane"), (mesh_port(base), "control plane mTLS")]
     for inst in INSTANCES:
         wanted.extend(inst.ports(base))
     return [(port, what) for port, what in sorted(wanted) if not port_free(port)]

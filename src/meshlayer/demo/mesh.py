@@ -47,11 +47,13 @@ _HEALTH = "healthCheck: {path: /healthz, interval: 2s, timeout: 1s, unhealthyThr
 def render_mesh(control_url: str, path: str) -> str:
     """The mesh config as YAML documents, with a header saying how to change it live."""
     backends = "\n".join(f"    - {{name: {name}, weight: {weight}}}" for name, weight in SPLIT)
+    token_file = str(Path(path).with_name("admin-token"))
     return f"""\
 # The demo's mesh, written by `meshlayer demo` (afresh each run) and applied to its
 # control plane at {control_url}. Change it while the demo runs, e.g. the weights
 # below, then apply it again; every sidecar picks the new version up within a second:
-#   meshlayer apply -f {path} --control {control_url}
+#   meshlayer apply -f {path} --control {control_url} \\
+#     --admin-token "$(cat {token_file})"
 # No Service lists its meshed endpoints: each sidecar registers its own inbound
 # listener with the control plane, which pushes the endpoints with the config.
 apiVersion: meshlayer/v1

@@ -107,6 +107,8 @@ def render_howto(base: int, state: Path, control_url: str, catalog_pid: int) -> 
     frontend, catalog = INSTANCES[1], INSTANCES[2]
     ml = cli_command()
     ctl = f"--control {control_url}"
+    admin = f'--admin-token "$(cat {state / "admin-token"})"'
+
     mesh = state / CONFIG_NAME
     lines = [
         "The mesh is up. Enter it through the edge sidecar:",
@@ -121,7 +123,7 @@ def render_howto(base: int, state: Path, control_url: str, catalog_pid: int) -> 
         f"  {ml} check {ctl}",
         "Change the mesh live: edit the weights in mesh.yaml and apply it again, e.g. 50/50:",
         f"  sed -i.bak -e 's/weight: 80/weight: 50/' -e 's/weight: 20/weight: 50/' {mesh} "
-        f"&& {ml} apply -f {mesh} {ctl}",
+        f"&& {ml} apply -f {mesh} {ctl} {admin}",
         "Look inside a sidecar:",
         f"  curl http://{HOST}:{frontend.admin(base)}/metrics    # frontend-1's",
         f"  curl http://{HOST}:{catalog.admin(base)}/config     # catalog-v1-1's, with its version",

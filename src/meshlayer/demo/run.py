@@ -77,8 +77,9 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from meshlayer.cli.client import CLIError, ControlAPI
+from meshlayer.cli.client import ADMIN_ENV, CLIError, ControlAPI, admin_token
 from meshlayer.demo.layout import (
+    ADMIN_TOKEN_NAME,
     CONFIG_NAME,
     DB_NAME,
     EDGE,
@@ -90,6 +91,7 @@ from meshlayer.demo.layout import (
     busy_ports,
     control_port,
     expected_sidecars,
+    mesh_port,
 )
 from meshlayer.demo.load import LoadGenerator, LoadResult, RouteStats
 from meshlayer.demo.mesh import MeshStatus, apply_file, render_mesh, wait_in_sync
@@ -123,6 +125,8 @@ def control_argv(base: int, store: str) -> list[str]:
         f"{HOST}:{control_port(base)}",
         "--store",
         store,
+        "--listen-mtls",
+        f"{HOST}:{mesh_port(base)}",
     ]
 
 
@@ -215,6 +219,10 @@ class Demo:
         argv = control_argv(self.base, self.store)
         self.control = Child("control plane", argv, self.state / "control.log", self._env)
         self._wait(self.control, control_port(self.base), "/healthz")
+        self.api.admin_token = admin_token(None) if os.environ.get(ADMIN_ENV) else None
+        if self.api.admin_token is None:
+            with contextlib.suppress(OSError):
+                self.api.admin_token = (self.state / ADMIN_TOKEN_NAME).read_text().strip()
         self.say(f"ready ({time.monotonic() - started:.1f}s)")
 
     def apply_config(self) -> None:
@@ -280,8 +288,17 @@ class Demo:
             state_dir = self.state / f"sidecar-{inst.name}"
             argv = sidecar_argv(inst, self.base, self.control_url, state_dir)
             log = self.state / f"{inst.name}-sidecar.log"
-            child = Child(f"{inst.name} sidecar", argv, log, self._env)
+            env = {**self._env, "MESHLAYER_TOKEN": self.join_token(inst.service)}
+            child = Child(f"{inst.name} sidecar", argv, log, env)
             self.children.append((inst, "sidecar", child))
+
+    def join_token(self, service: str) -> str:
+        """A join token for one sidecar of ``service`` (it proves who it is with it)."""
+        try:
+            answer = self.api.expect("POST", "/v1/tokens", {"service": service, "ttl": 300})
+        except CLIError as e:
+            raise DemoError(f"the control plane refused a join token: {e.message}") from None
+        return str(answer["token"])
 
     def wait_ready(self) -> None:
         for inst in INSTANCES:

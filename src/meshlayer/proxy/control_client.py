@@ -26,10 +26,27 @@ over (:func:`~meshlayer.config.snapshot.carry_endpoints`); when the grace
 ends, the newest snapshot is applied as it is. A peer that really died
 meanwhile is tolerated that long (connect failures are retried elsewhere).
 
+Versions never go backwards for a given store. Each snapshot names the
+store it comes from (``"store"``: a random id created with the store). A
+snapshot older than the config in force is ignored when it comes from the
+same store (a control process behind its store, or started on an old copy
+of it); from another store (the old one was wiped or replaced) it is
+followed, and the log says so loudly. The saved copy keeps the id, so this
+holds across sidecar restarts too.
+
 Everything the request path needs is local, so the control plane may be down
 for as long as it likes: the sidecar keeps serving its last good config, and
 a restarted sidecar serves the copy on disk before it reaches the control
 plane. No exception escapes these tasks; they log what happens instead.
+
+With a join token (``identity``), the sidecar first obtains a certificate
+(:mod:`meshlayer.proxy.identity`) from the API listener, then makes every
+call — register, renew, watch, acknowledge, deregister — to the mesh
+listener named in the certificate answer, over mTLS, checking that the
+server is ``spiffe://<td>/ns/meshlayer/sa/control``. Acknowledgements carry
+the certificate's issuer and expiry (``cert``), and each snapshot's trust
+bundle goes to the identity client before the config is applied. Without a
+token the calls stay plain HTTP to the API listener.
 """
 
 from __future__ import annotations
@@ -53,18 +70,19 @@ from meshlayer.config.model import MeshConfig
 from meshlayer.config.snapshot import carry_endpoints, config_from_snapshot, snapshot_version
 from meshlayer.proxy.control_http import (
     ControlUnreachable,
+    Response,
+    TlsTarget,
     open_stream,
     parse_control_url,
     request,
 )
+from meshlayer.proxy.identity import IdentityClient
 from meshlayer.proxy.metrics import Metrics
 from meshlayer.proxy.sse import SSEDecoder, SSEError
 
 log = logging.getLogger("meshlayer.control")
 
 STATE_FILE = "config.json"
-STORE_RESET_AFTER = 30.0
-"""Seconds a control plane may serve versions older than ours before we follow it."""
 
 
 @dataclass(frozen=True)
@@ -170,8 +188,13 @@ class ControlClient:
         metrics: Metrics,
         applied: int = 0,
         saved: dict[str, Any] | None = None,
+        identity: IdentityClient | None = None,
     ) -> None:
         self.opts = opts
+        self.identity = identity
+        """With a join token: certificates, and mTLS to the mesh listener for the rest."""
+        if identity is not None:  # a new certificate is reported at once (ca rotate waits)
+            identity.on_change = self._report_cert
         self.addrs = [parse_control_url(u.strip()) for u in opts.url.split(",")]
         """Control processes to use, in order (several over one etcd cluster: failover)."""
         self._current = 0
@@ -196,7 +219,8 @@ class ControlClient:
         self.carried: dict[str, list[str]] = {}
         self._from_control = False
         """True once a snapshot from the control plane (not the saved copy) is in force."""
-        self._behind_since: float | None = None
+        self.store_id = _store_of(saved) if saved is not None else None
+        """Identity of the store the config in force comes from (None: unknown)."""
         metrics.control_connected.set(0)
 
     @property
@@ -219,10 +243,12 @@ class ControlClient:
             "connected": self.connected,
             "registered": self.registered,
             "applied": self.applied,
+            "store": self.store_id,
             "rejected": self.rejected,
             "lastRejection": self.last_rejection,
             "carried": self.carried,
             "stateFile": str(self.opts.state_dir / STATE_FILE),
+            "identity": self.identity.view() if self.identity is not None else None,
         }
 
     def start(self) -> None:
@@ -244,15 +270,34 @@ class ControlClient:
             except BaseException:
                 pass
         self._set_connected(False)
+        if self.identity is not None:
+            await self.identity.close()
         if self.registered:
             try:
-                await request(
-                    self.addr, "DELETE", f"/v1/registry/{quote(self.sidecar_id)}", timeout=1.0
-                )
+                await self._call("DELETE", f"/v1/registry/{quote(self.sidecar_id)}", timeout=1.0)
                 log.info("deregistered %s", self.sidecar_id)
             except ControlUnreachable as exc:
                 log.info("could not deregister (lease will lapse): %s", exc)
             self.registered = False
+
+    # -- transport ------------------------------------------------------------------
+
+    def _target(self) -> tuple[tuple[str, int], TlsTarget | None]:
+        """Where calls go: the mesh listener over mTLS with an identity, else the API.
+        Raises ControlUnreachable (no valid certificate)."""
+        if self.identity is None:
+            return self.addr, None
+        tls = self.identity.control_tls()
+        assert self.identity.mesh is not None
+        return self.identity.mesh, tls
+
+    async def _call(
+        self, method: str, path: str, body: object | None = None, timeout: float | None = None
+    ) -> Response:
+        addr, tls = self._target()
+        return await request(
+            addr, method, path, body, timeout=timeout or self.opts.request_timeout, tls=tls
+        )
 
     # -- registration -------------------------------------------------------------
 
@@ -263,9 +308,7 @@ class ControlClient:
             "ttl": self.opts.ttl,
             "sidecar": self.sidecar_id,
         }
-        resp = await request(
-            self.addr, "POST", "/v1/registry", body, timeout=self.opts.request_timeout
-        )
+        resp = await self._call("POST", "/v1/registry", body)
         if resp.status != 200:
             self.registered = False
             log.error(
@@ -289,7 +332,7 @@ class ControlClient:
             if not self.registered:
                 continue  # the watch loop registers on (re)connect
             try:
-                resp = await request(self.addr, "POST", path, timeout=self.opts.request_timeout)
+                resp = await self._call("POST", path)
                 if resp.status == 404:
                     log.warning("lease of %s had lapsed; registering again", self.sidecar_id)
                     await self._register()
@@ -307,14 +350,17 @@ class ControlClient:
         path = f"/v1/watch?sidecar={quote(self.sidecar_id)}"
         while True:
             try:
+                if self.identity is not None:
+                    await self.identity.ensure(self.addr)
                 await self._register()
-                stream = await open_stream(self.addr, path, timeout=self.opts.request_timeout)
+                addr, tls = self._target()
+                stream = await open_stream(addr, path, timeout=self.opts.request_timeout, tls=tls)
                 try:
                     if stream.status != 200:
                         raise ControlUnreachable(f"watch answered {stream.status}")
                     self._set_connected(True)
                     self._grace_until = time.monotonic() + self.opts.reconnect_grace
-                    log.info("connected to control plane %s:%d", *self.addr)
+                    log.info("connected to control plane %s:%d", *addr)
                     decoder = SSEDecoder()
                     async for piece in stream.pieces(self.opts.stream_timeout):
                         for ev in decoder.feed(piece):
@@ -351,32 +397,45 @@ class ControlClient:
             version = int(event_id) if event_id and event_id.isdigit() else 0
             self._reject(version, f"snapshot is not valid JSON: {exc}")
             return
-        if version == self.applied and self.last_rejection is None and not final:
-            self._ack(version, None)  # e.g. the first snapshot after a reconnect
+        if self.identity is not None:  # the trust bundle applies even if the config fails
+            self.identity.on_snapshot(data)
+        store = _store_of(data)
+        new_store = store is not None and self.store_id is not None and store != self.store_id
+        if (
+            version == self.applied
+            and self._from_control
+            and not new_store
+            and self.last_rejection is None
+            and not final
+        ):
+            # e.g. the first snapshot after a reconnect. Not for the saved copy (without
+            # a store id): a recreated store may reach the same number with other content.
+            self._ack(version, None)
             return
-        if version < self.applied and self._from_control:
-            # A control process behind its store (cut off from etcd, say) must not
-            # take this sidecar back in time. Only a store that stays behind for
-            # STORE_RESET_AFTER (it was wiped or replaced) is followed back.
-            now = time.monotonic()
-            if self._behind_since is None:
-                self._behind_since = now
-            if now - self._behind_since < STORE_RESET_AFTER:
-                log.warning(
-                    "ignoring snapshot version %d: older than version %d in force",
-                    version,
-                    self.applied,
-                )
-                self._ack(self.applied, None)
-                return
+        if (
+            version < self.applied
+            and not new_store
+            and (self._from_control or (store is not None and store == self.store_id))
+        ):
+            # The same store, behind us: a control process cut off from etcd, or
+            # started on an old copy of the store. Never go back in time for it.
             log.warning(
-                "control plane stayed at version %d, behind %d, for %.0fs: following it "
-                "(was its store reset?)",
+                "ignoring snapshot version %d from store %s: older than version %d in force",
                 version,
+                store,
                 self.applied,
-                now - self._behind_since,
             )
-        self._behind_since = None
+            self._ack(self.applied, None)
+            return
+        if new_store:
+            log.warning(
+                "NEW STORE: the control plane now serves store %s (was %s); following it "
+                "from version %d to version %d",
+                store,
+                self.store_id,
+                self.applied,
+                version,
+            )
         effective: dict[str, Any] = data
         carried: dict[str, list[str]] = {}
         if self._effective is not None and time.monotonic() < self._grace_until:
@@ -393,6 +452,7 @@ class ControlClient:
             self._reject(version, f"sidecar could not apply it: {exc!r}")
             return
         self.applied = version
+        self.store_id = store
         self._from_control = True
         self.last_rejection = None
         self._effective = effective
@@ -431,6 +491,10 @@ class ControlClient:
             self._acks.add(task)
             task.add_done_callback(self._acks.discard)
 
+    def _report_cert(self) -> None:
+        if self.connected:
+            self._ack(self.applied, None)
+
     def _reject(self, version: int, error: str) -> None:
         self.rejected += 1
         self._metrics.config_rejected.inc()
@@ -447,18 +511,21 @@ class ControlClient:
 
     async def _send_ack(self, version: int, error: str | None) -> None:
         path = f"/v1/status/{quote(self.sidecar_id)}"
+        body: dict[str, Any] = {"version": version, "error": error}
+        if self.identity is not None:
+            body["cert"] = self.identity.status()
         try:
-            resp = await request(
-                self.addr,
-                "POST",
-                path,
-                {"version": version, "error": error},
-                timeout=self.opts.request_timeout,
-            )
+            resp = await self._call("POST", path, body)
             if resp.status >= 300:
                 log.warning("status report answered %d: %s", resp.status, _message(resp.body))
         except ControlUnreachable as exc:
             log.debug("status report failed: %s", exc)
+
+
+def _store_of(data: Any) -> str | None:
+    """The ``store`` id of a snapshot (or saved copy); None when it names none."""
+    store = data.get("store") if isinstance(data, dict) else None
+    return store if isinstance(store, str) and store else None
 
 
 def _message(body: bytes) -> str:

@@ -7,23 +7,38 @@ small JSON response; ``open_stream`` returns once the response head arrived and
 then hands out body pieces (de-chunked) for the watch stream. Every failure
 to talk to the control plane — refused, reset, timed out, bad framing — is a
 :class:`ControlUnreachable`, so callers have one thing to catch and retry.
+With a :class:`TlsTarget` the connection is mTLS (the sidecar's certificate)
+and the server must present the expected SPIFFE ID before a byte is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from meshlayer.proxy.codec import Body, EndOfMessage, ProtocolError, ResponseHead, ResponseParser
+from meshlayer.proxy.tls import PeerRejected, peer_der, verify_peer
 
 MAX_RESPONSE = 64 * 1024 * 1024
 
 
 class ControlUnreachable(Exception):
     """The control plane could not be reached or answered garbage."""
+
+
+class TlsTarget(NamedTuple):
+    """How to talk to the control plane's mesh listener: mTLS, and whom to expect."""
+
+    context: ssl.SSLContext
+    """Client context with the sidecar's certificate and the trust bundle."""
+    trust_domain: str
+    """The mesh's trust domain."""
+    expected: str
+    """The SPIFFE ID the server must present."""
 
 
 def parse_control_url(url: str) -> tuple[str, int]:
@@ -110,7 +125,13 @@ async def _read_events(
 
 
 async def _open(
-    addr: tuple[str, int], method: str, path: str, body: object | None, timeout: float
+    addr: tuple[str, int],
+    method: str,
+    path: str,
+    body: object | None,
+    timeout: float,
+    headers: dict[str, str] | None = None,
+    tls: TlsTarget | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ResponseParser, ResponseHead, list[object]]:
     host, port = addr
     payload = b"" if body is None else json.dumps(body).encode()
@@ -123,15 +144,26 @@ async def _open(
     ]
     if body is not None or method in ("POST", "PUT"):
         lines += ["content-type: application/json", f"content-length: {len(payload)}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port, limit=2**20)
+            if tls is None:
+                reader, writer = await asyncio.open_connection(host, port, limit=2**20)
+            else:
+                reader, writer = await asyncio.open_connection(
+                    host, port, limit=2**20, ssl=tls.context, server_hostname=""
+                )
     except TimeoutError:
         raise ControlUnreachable(f"connect to {host}:{port} timed out") from None
     except OSError as exc:
         raise ControlUnreachable(exc.strerror or str(exc)) from None
     try:
+        if tls is not None:
+            try:
+                verify_peer(peer_der(writer.transport), tls.trust_domain, tls.expected)
+            except PeerRejected as exc:
+                raise ControlUnreachable(f"control plane {host}:{port} rejected: {exc}") from None
         writer.write(raw)
         parser = ResponseParser()
         parser.expect(method.encode())
@@ -150,10 +182,19 @@ async def _open(
 
 
 async def request(
-    addr: tuple[str, int], method: str, path: str, body: object | None = None, timeout: float = 5.0
+    addr: tuple[str, int],
+    method: str,
+    path: str,
+    body: object | None = None,
+    timeout: float = 5.0,
+    headers: dict[str, str] | None = None,
+    tls: TlsTarget | None = None,
 ) -> Response:
-    """One request; the whole response. Raises ControlUnreachable."""
-    reader, writer, parser, head, events = await _open(addr, method, path, body, timeout)
+    """One request; the whole response. ``tls``: over mTLS to the mesh listener.
+    Raises ControlUnreachable."""
+    reader, writer, parser, head, events = await _open(
+        addr, method, path, body, timeout, headers, tls
+    )
     stream = Stream(head, reader, writer, parser, events)
     chunks: list[bytes] = []
     size = 0
@@ -171,7 +212,9 @@ async def request(
     return Response(head.status, stream.headers, b"".join(chunks))
 
 
-async def open_stream(addr: tuple[str, int], path: str, timeout: float = 5.0) -> Stream:
+async def open_stream(
+    addr: tuple[str, int], path: str, timeout: float = 5.0, tls: TlsTarget | None = None
+) -> Stream:
     """GET ``path`` and return once the response head is in. Raises ControlUnreachable."""
-    reader, writer, parser, head, events = await _open(addr, "GET", path, None, timeout)
+    reader, writer, parser, head, events = await _open(addr, "GET", path, None, timeout, None, tls)
     return Stream(head, reader, writer, parser, events)

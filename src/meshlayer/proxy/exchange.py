@@ -2,9 +2,11 @@
 
 Theory of operation: the listener's connection parses a request head and
 makes an ``Exchange``; ``start`` runs the stages in one straight line —
-route (authority to service; then, when HTTPRoutes govern that service, its
-matching rule picks the backend service and may override the request timeout
-and retries: ``conf``), circuit breaker, balance, pool checkout — and sends the head on an
+authorize (inbound, only when policies apply: :mod:`meshlayer.proxy.authz`
+normalises the path and may answer 403/400), route (authority to service;
+then, when HTTPRoutes govern that service, its matching rule picks the
+backend service and may override the request timeout and retries:
+``conf``), circuit breaker, balance, pool checkout — and sends the head on an
 upstream connection (opening one in a task when none is idle). From then on
 everything is driven by callbacks, with no task per request: request body
 pieces from the client go straight to the upstream transport, response events
@@ -34,6 +36,7 @@ from meshlayer.proxy.codec.serialize import build_head, chunk, last_chunk, witho
 from meshlayer.proxy.errors import MeshError, render
 from meshlayer.proxy.pool import CONNECT, IDLE, OVERFLOW
 from meshlayer.proxy.runtime import ServiceRuntime, split_target
+from meshlayer.proxy.tls import NoIdentity
 from meshlayer.proxy.upstream import UpstreamConnection
 
 REQUEST, STREAM = 3, 4  # deadline kinds of the client connection (see server.py)
@@ -50,8 +53,14 @@ REPLAY_LIMIT = 64 * 1024  # request bodies up to this size are kept for retries
 BUFFER_LIMIT = 64 * 1024  # request body buffered before an upstream connection exists
 
 SOURCE_HEADER = b"x-meshlayer-source"
+# Identity the mesh sets from the verified peer certificate: a client's copies are never
+# forwarded (watching them takes them out of the head's lines at no cost per request).
+IDENTITY_HEADERS = frozenset({b"x-meshlayer-peer-identity", b"x-forwarded-client-cert"})
 # Fields the client side's parser hands out apart, because the exchange rewrites them.
-WATCHED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id", SOURCE_HEADER})
+WATCHED = (
+    frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id", SOURCE_HEADER})
+    | IDENTITY_HEADERS
+)
 _HOST = frozenset({b"host"})
 _FORWARDED = b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\nx-request-id: %b"
 
@@ -145,6 +154,9 @@ class Exchange:
             return
         try:
             self.authority, self.path = split_target(self.head.target)
+            authz = down.listener.authz
+            if authz is not None:  # inbound, with policies: may rewrite self.path
+                authz.authorize(self)
             svc = down.listener.route(self)
             conf = svc.service
             if svc.routes is not None:  # HTTPRoutes: the backend and the rule's policy
@@ -219,11 +231,19 @@ class Exchange:
         svc = self.service
         assert svc is not None
         try:
-            conn = await svc.pool.open(ep, svc.service.timeouts.connect, UpstreamConnection)
+            conn = await svc.pool.open(
+                ep,
+                svc.service.timeouts.connect,
+                UpstreamConnection,
+                self.down.listener.upstream_tls,
+                svc.name,
+            )
         except (OSError, TimeoutError) as exc:
             if self.phase != WAITING or self.conn is not None:
                 return
             reason = "connect-timeout" if isinstance(exc, TimeoutError) else "connect-failure"
+            if isinstance(exc, NoIdentity):
+                reason = NoIdentity.reason
             self._attempt_failed(
                 MeshError(
                     503, reason, f"{svc.name}: cannot connect to {ep.endpoint.address}: {exc}"
@@ -280,6 +300,8 @@ class Exchange:
             picked.get(b"x-forwarded-proto", b"http"),
             rid,
         )
+        if down.peer_identity is not None:  # verified by the inbound mTLS handshake
+            tail += b"\r\nx-meshlayer-peer-identity: " + down.peer_identity.encode()
         if head.upgrade is not None:
             tail += b"\r\nconnection: upgrade\r\nupgrade: " + head.upgrade
         if head.framing == LENGTH:
@@ -573,6 +595,7 @@ class Exchange:
                 self.close_after,
                 self.request_id,
                 err.retry_after,
+                err.policy,
             )
         )
         self.phase = STREAMING

@@ -21,11 +21,22 @@ from meshlayer.proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from meshlayer.proxy.balancer import EndpointState
+    from meshlayer.proxy.tls import MeshTls
 
 IDLE = 0
 CONNECT = 1
 WAIT = 2
 OVERFLOW = 3
+
+
+class _Detached:
+    """Where a rejected connection reports its end: nowhere (its slot is freed)."""
+
+    def on_closed(self, conn: UpstreamConnection) -> None:
+        pass
+
+
+_DETACHED: ServicePool = _Detached()  # type: ignore[assignment]
 
 
 class ServicePool:
@@ -38,6 +49,9 @@ class ServicePool:
         self.connections = 0  # open or opening
         self.pending: deque[Callable[[UpstreamConnection | None], None]] = deque()
         self.on_change: Callable[[int], None] | None = None
+        self.tls: MeshTls | None = None
+        """Set once a meshed (mTLS) connection was opened: such connections are closed,
+        not reused, when the sidecar's identity has expired or been cleared."""
 
     def __repr__(self) -> str:
         idle = sum(len(v) for v in self.idle.values())
@@ -51,6 +65,9 @@ class ServicePool:
         while conns:
             conn = conns.pop()
             if not conn.closed:
+                if self._expired(conn):
+                    conn.close()  # its slot is freed when it has closed
+                    continue
                 return IDLE, conn
         if self.connections < self.limits.max_connections:
             self.connections += 1
@@ -61,12 +78,44 @@ class ServicePool:
         return OVERFLOW, None
 
     async def open(
-        self, endpoint: EndpointState, timeout: float, factory: type[UpstreamConnection]
+        self,
+        endpoint: EndpointState,
+        timeout: float,
+        factory: type[UpstreamConnection],
+        tls: MeshTls | None = None,
+        service: str = "",
     ) -> UpstreamConnection:
-        """Open a connection counted by ``checkout``; on failure the slot is given back."""
+        """Open a connection counted by ``checkout``; on failure the slot is given back.
+
+        ``tls``: a meshed endpoint gets mTLS and must present its registered
+        SPIFFE ID (raises NoIdentity without a certificate, PeerRejected, or
+        ssl.SSLError — all OSErrors)."""
         loop = asyncio.get_running_loop()
         ep = endpoint.endpoint
         try:
+            if tls is not None and ep.meshed:
+                ctx = tls.client_ssl()
+                try:
+                    async with asyncio.timeout(timeout):
+                        transport, proto = await loop.create_connection(
+                            lambda: factory(self, endpoint),
+                            ep.host,
+                            ep.port,
+                            ssl=ctx,
+                            server_hostname="",
+                            ssl_handshake_timeout=timeout,
+                        )
+                except OSError as exc:
+                    tls.handshake_failed("client", exc)
+                    raise
+                try:
+                    tls.check_server(transport, tls.expected_server(ep.identity, service))
+                except BaseException:
+                    proto.pool = _DETACHED  # the slot is given back below, not again
+                    transport.abort()
+                    raise
+                self.tls = tls
+                return proto
             async with asyncio.timeout(timeout):
                 _, proto = await loop.create_connection(
                     lambda: factory(self, endpoint), ep.host, ep.port
@@ -79,6 +128,9 @@ class ServicePool:
     def release(self, conn: UpstreamConnection, now: float = 0.0) -> None:
         """Return a connection whose exchange has ended cleanly (``now``: time.monotonic)."""
         conn.exchange = None
+        if self._expired(conn):
+            conn.close()  # its slot is freed (and a waiter woken) when it has closed
+            return
         if conn.reading_paused:
             conn.resume_reading()
         if self.pending:
@@ -91,6 +143,12 @@ class ServicePool:
             self.idle[conn.endpoint] = [conn]
         else:
             conns.append(conn)
+
+    def _expired(self, conn: UpstreamConnection) -> bool:
+        """A meshed connection made with an identity that has expired or been cleared
+        (failing closed covers connections busy at expiry, not only idle ones)."""
+        tls = self.tls
+        return tls is not None and conn.endpoint.endpoint.meshed and not tls.usable()
 
     def on_closed(self, conn: UpstreamConnection) -> None:
         """A connection closed (either side): free its slot."""

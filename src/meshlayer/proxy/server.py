@@ -22,7 +22,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshlayer.proxy.codec import Body, EndOfMessage, ProtocolError, RequestHead, TunnelData
 from meshlayer.proxy.codec.request import RequestParser
@@ -30,6 +30,10 @@ from meshlayer.proxy.errors import render
 from meshlayer.proxy.exchange import WATCHED, Exchange
 from meshlayer.proxy.metrics import Metrics, RouteMetrics
 from meshlayer.proxy.runtime import ServiceRuntime
+
+if TYPE_CHECKING:
+    from meshlayer.proxy.authz import ServiceAuthz
+    from meshlayer.proxy.tls import MeshTls
 
 log = logging.getLogger("meshlayer.proxy")
 access_log = logging.getLogger("meshlayer.access")
@@ -66,6 +70,10 @@ class Listener:
         self.idle_timeout = idle_timeout
         self.source_line = source_line
         self.access = access
+        self.authz: ServiceAuthz | None = None
+        """Inbound authorization when policies or the mesh default apply (set by the sidecar)."""
+        self.upstream_tls: MeshTls | None = None
+        """mTLS to meshed endpoints (outbound, when the sidecar has an identity)."""
         self.closing = False
         self.connections: set[DownstreamConnection] = set()
         self.server: asyncio.Server | None = None
@@ -129,6 +137,7 @@ class DownstreamConnection(asyncio.Protocol):
         "listener",
         "parser",
         "paused",
+        "peer_identity",
         "peer_ip",
         "queue",
         "reading",
@@ -144,6 +153,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.reading: Exchange | None = None
         self.transport: asyncio.Transport | None = None
         self.peer_ip = b"unknown"
+        self.peer_identity: str | None = None
+        """The peer's SPIFFE ID from its verified certificate (inbound mTLS only)."""
         self.closed = False
         self.corked: list[bytes] | None = None
         self.eof = False

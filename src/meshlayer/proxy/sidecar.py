@@ -4,7 +4,9 @@ This is the one place where the request path is assembled (linkerd's
 ``sidecar.rs``): the outbound listener routes by authority to a service of
 the mesh, the inbound listener always to the local app; both run the same
 exchange pipeline (route → circuit breaker → balance → pool → forward →
-observe) and differ only in the policy callbacks given to ``Listener``.
+observe) and differ only in the policy callbacks given to ``Listener``; the
+inbound one also authorizes first when AuthorizationPolicies (or a mesh
+default of deny) apply to the local service (``Listener.authz``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import signal
 import sys
@@ -22,15 +25,20 @@ from typing import Any
 
 from meshlayer.config import ConfigError, Endpoint, MeshConfig, Service, load_file
 from meshlayer.config.load import parse_address
+from meshlayer.proxy.acceptor import MeshAcceptor
 from meshlayer.proxy.admin import AdminProtocol, AdminState
+from meshlayer.proxy.authz import AuthzStage
 from meshlayer.proxy.control_client import ControlClient, ControlOptions, load_saved
 from meshlayer.proxy.control_http import parse_control_url
 from meshlayer.proxy.errors import MeshError
 from meshlayer.proxy.exchange import Exchange
+from meshlayer.proxy.identity import IdentityClient
 from meshlayer.proxy.loop import loop_name, run
 from meshlayer.proxy.metrics import Metrics
+from meshlayer.proxy.netmarks import warn_class_marks
 from meshlayer.proxy.runtime import Router, ServiceRuntime
 from meshlayer.proxy.server import Listener
+from meshlayer.proxy.tls import MeshTls
 
 log = logging.getLogger("meshlayer.sidecar")
 
@@ -63,6 +71,8 @@ class SidecarOptions:
     """One log line per request."""
     control: ControlOptions | None = None
     """Follow a control plane (``--control``); None: the static config only."""
+    token: str = ""
+    """Join token (``--token``/``MESHLAYER_TOKEN``): get a certificate, speak mTLS."""
 
 
 class Sidecar:
@@ -74,6 +84,7 @@ class Sidecar:
         self.metrics = Metrics()
         self.config = config
         self.router = Router(config)
+        warn_class_marks(config.priority_classes.values())
         self.app = ServiceRuntime(self._app_service(config))
         self.admin_state = AdminState(self.metrics, self._config_view)
         self.metrics.config_info.labels(config.version).set(1)
@@ -103,8 +114,17 @@ class Sidecar:
             destination_label=lambda _ex: self.name,
             **common,  # type: ignore[arg-type]
         )
+        self.authz = AuthzStage(opts.service, self.metrics.registry)
+        self.inbound.authz = self.authz.update(config)
         self._sources: set[str] = set(config.services)
-        self._servers: list[asyncio.Server] = []
+        self.tls: MeshTls | None = None
+        """The identity's TLS material (with a join token): inbound and outbound mTLS."""
+        if opts.token and opts.control is not None:
+            self.tls = MeshTls(opts.service, self.metrics.registry)
+            self.tls.mode = config.mesh.mtls_mode
+            self.tls.on_clear = self._fail_closed
+            self.outbound.upstream_tls = self.tls
+        self._servers: list[asyncio.Server | MeshAcceptor] = []
         self._stop = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -178,9 +198,13 @@ class Sidecar:
             ("admin", self.opts.admin, lambda: AdminProtocol(self.admin_state)),
         ):
             try:
-                server = await loop.create_server(
-                    factory, addr[0], addr[1], reuse_address=True, backlog=1024
-                )
+                server: asyncio.Server | MeshAcceptor
+                if what == "inbound" and self.tls is not None:  # sniff, mTLS, verify
+                    server = await MeshAcceptor(self.inbound, self.tls).start(*addr)
+                else:
+                    server = await loop.create_server(
+                        factory, addr[0], addr[1], reuse_address=True, backlog=1024
+                    )
             except OSError as exc:
                 for s in self._servers:
                     s.close()
@@ -203,6 +227,15 @@ class Sidecar:
             len(self.config.services),
         )
 
+    def _fail_closed(self) -> None:
+        """The certificate expired: drop idle meshed connections both ways (new ones
+        cannot be made until a certificate arrives)."""
+        for rt in self.router.services.values():
+            rt.pool.close_idle()
+        for conn in list(self.inbound.connections):
+            if conn.peer_identity is not None and not conn.queue:
+                conn.close()
+
     def _watch_pool(self, rt: ServiceRuntime) -> None:
         name = rt.name if rt is not self.app else f"{rt.name}(app)"  # as in _state
         gauge = self.metrics.connections.labels("upstream", name)
@@ -223,6 +256,10 @@ class Sidecar:
         if app_service != self.app.service:
             self.app = ServiceRuntime(app_service)
         self.config = config
+        warn_class_marks(config.priority_classes.values())
+        self.inbound.authz = self.authz.update(config)
+        if self.tls is not None:
+            self.tls.mode = config.mesh.mtls_mode
         current = [*self.router.services.values(), self.app]
         kept = {id(rt) for rt in current}
         was = {id(rt) for rt in old_runtimes}
@@ -344,6 +381,9 @@ def options_from_args(args: argparse.Namespace) -> SidecarOptions:
         )
     elif not args.config:
         raise ConfigError("command line", "--config", "is required unless --control is given")
+    token = (args.token or os.environ.get("MESHLAYER_TOKEN", "")).strip()
+    if token and control is None:
+        raise ConfigError("command line", "--token", "needs --control (certificates come from it)")
     return SidecarOptions(
         service=args.service,
         app=addr("--app", args.app),
@@ -355,6 +395,7 @@ def options_from_args(args: argparse.Namespace) -> SidecarOptions:
         idle_timeout=args.idle_timeout,
         access_log=args.access_log,
         control=control,
+        token=token,
     )
 
 
@@ -392,8 +433,18 @@ async def _main(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sidecar.request_stop)
     if opts.control is not None:
+        identity = None
+        if sidecar.tls is not None:
+            identity = IdentityClient(
+                opts.service, opts.token, sidecar.tls, opts.control.request_timeout
+            )
         sidecar.control = ControlClient(
-            opts.control, sidecar.reload, sidecar.metrics, _mesh_version(config), saved
+            opts.control,
+            sidecar.reload,
+            sidecar.metrics,
+            _mesh_version(config),
+            saved,
+            identity,
         )
         sidecar.control.start()
     await sidecar.serve()

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support.control import Control, api, service_doc, start_control
+from tests.support.control import ADMIN_TOKEN, Control, api, service_doc, start_control
 from tests.support.procs import Cluster, upstream_with
 
 
@@ -237,7 +237,13 @@ def test_health_checks_take_endpoints_out_and_back(
         flag.write_text("down")
         eventually(lambda: health() == ([False], [False]))
         snap = watch.snapshot_at_least(control.api("GET", "/v1/registry")[1]["version"])
-        assert snap["endpoints"]["web"] == [{"address": registered.address, "healthy": False}]
+        assert snap["endpoints"]["web"] == [
+            {
+                "address": registered.address,
+                "healthy": False,
+                "identity": "spiffe://meshlayer.local/ns/default/sa/web",
+            }
+        ]
         assert snap["resources"][0]["spec"]["endpoints"] == []  # the failing static one left out
         # the stored resource keeps it
         stored = control.api("GET", "/v1/resources/services/web")[1]
@@ -284,7 +290,12 @@ def test_watch_sends_snapshot_on_connect_and_after_changes(control: Control) -> 
         reg = {"service": "catalog", "address": "127.0.0.1:20001", "sidecar": "sc-1"}
         v = control.api("POST", "/v1/registry", reg)[1]["version"]
         data = watch.snapshot_at_least(v, timeout=3)
-        assert data["endpoints"] == {"catalog": [{"address": "127.0.0.1:20001", "healthy": True}]}
+        ident = "spiffe://meshlayer.local/ns/default/sa/catalog"
+        assert data["endpoints"] == {
+            "catalog": [{"address": "127.0.0.1:20001", "healthy": True, "identity": ident}]
+        }
+        assert data["trust"]["domain"] == "meshlayer.local"
+        assert data["trust"]["generation"] == 1 and len(data["trust"]["roots"]) == 1
 
         # status: connected (this process holds its stream), then what it applied
         side = control.api("GET", "/v1/status")[1]["sidecars"]
@@ -411,7 +422,9 @@ def test_kill_9_mid_apply_leaves_whole_applies(store: str, cluster: Cluster) -> 
                     return
                 n = sent[0] = sent[0] + 1
                 try:
-                    status, _ = api(port, "POST", "/v1/apply", {"documents": generation(n)}, 5)
+                    status, _ = api(
+                        port, "POST", "/v1/apply", {"documents": generation(n)}, 5, ADMIN_TOKEN
+                    )
                 except OSError:
                     return
                 assert status == 200
@@ -435,6 +448,49 @@ def test_kill_9_mid_apply_leaves_whole_applies(store: str, cluster: Cluster) -> 
         (g,) = gens
         assert acked[0] <= g <= sent[0], (acked[0], g, sent[0])
         assert ctl.stop() == 0
+
+
+def test_kill_9_inside_an_apply_transaction_leaves_the_old_config(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """SQLite's failpoint holds an apply inside its transaction after its first write;
+    SIGKILL then, restart: the old config is whole and no new document exists."""
+    store = f"sqlite:{tmp_path / 'control.db'}"
+    ctl = start_control(cluster.tmp, store, procs=cluster.procs)
+    old = [service_doc(f"svc-{i}", {"retries": {"attempts": 1}}) for i in range(5)]
+    status, body = apply(ctl, *old)
+    assert status == 200, body
+    before = ctl.api("GET", "/v1/resources")[1]
+    assert ctl.stop() == 0
+
+    failpoint = {"MESHLAYER_FAILPOINT": "sqlite-apply-after-first-write:30"}
+    ctl = start_control(cluster.tmp, store, procs=cluster.procs, env=failpoint)
+    new = [service_doc(f"svc-{i}", {"retries": {"attempts": 2}}) for i in range(5)]
+    new += [service_doc(f"new-{i}") for i in range(5)]
+    answers: list[Any] = []
+
+    def send() -> None:
+        try:
+            answers.append(api(ctl.port, "POST", "/v1/apply", {"documents": new}, 40, ADMIN_TOKEN))
+        except OSError as exc:
+            answers.append(exc)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    eventually(
+        lambda: "sleeping 30s inside the transaction" in ctl.log(), timeout=10, interval=0.02
+    )
+    ctl.kill()
+    t.join(10)
+    assert not t.is_alive() and isinstance(answers[0], OSError), answers  # never answered
+
+    ctl = start_control(cluster.tmp, store, procs=cluster.procs)  # no failpoint
+    assert "failpoint" not in ctl.log()
+    after = ctl.api("GET", "/v1/resources")[1]
+    assert after == before
+    for i in range(5):
+        assert ctl.api("GET", f"/v1/resources/service/new-{i}")[0] == 404
+    assert {d["spec"]["retries"]["attempts"] for d in after["items"]} == {1}
 
 
 def test_watch_fans_out_to_many_streams_quickly(control: Control) -> None:

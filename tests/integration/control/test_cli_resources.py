@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.control import Control, start_control
+from tests.support.control import ADMIN_TOKEN, Control, start_control
 from tests.support.procs import ROOT, Cluster, free_port
 
 SERVICE = """\
@@ -51,6 +51,7 @@ def ml(
     """``python -m meshlayer ARGS`` with optional stdin and extra environment."""
     full = dict(os.environ)
     full.pop("MESHLAYER_CONTROL", None)
+    full["MESHLAYER_ADMIN_TOKEN"] = ADMIN_TOKEN
     full["PYTHONPATH"] = str(ROOT) + os.pathsep + full.get("PYTHONPATH", "")
     full.update(env or {})
     return subprocess.run(
@@ -221,3 +222,31 @@ def test_describe_and_check_with_sidecars(cluster: Cluster, ctl: Control) -> Non
     deadline = time.monotonic() + 10
     while ml(["check", "--wait", "2", *c]).returncode != 0:
         assert time.monotonic() < deadline, "the resumed sidecar never caught up"
+
+
+def test_short_kind_names_work_for_get_describe_and_delete(ctl: Control, tmp_path: Path) -> None:
+    """The names `describe` takes (svc) work for get and delete too, and every kind has
+    its singular, plural and short forms."""
+    c = ["--control", ctl.url]
+    p = write(tmp_path, "mesh.yaml", SERVICE + "---\n" + SERVICE_V2 + "---\n" + ROUTE)
+    assert ml(["apply", "-f", str(p), *c]).returncode == 0
+    for kind, names in {
+        "Service": ["svc", "service", "services", "Service"],
+        "HTTPRoute": ["route", "routes", "httproute", "httproutes", "HTTPRoute"],
+        "PriorityClass": ["pc", "priorityclass", "priorityclasses"],
+        "AuthorizationPolicy": ["authorizationpolicy", "authorizationpolicies"],
+        "Mesh": ["mesh", "meshes", "Mesh"],
+    }.items():
+        for name in names:
+            res = ml(["get", name, "-o", "json", *c])
+            assert res.returncode == 0, (name, res.stderr)
+            items = json.loads(res.stdout)["items"]
+            assert all(d["kind"] == kind for d in items), (name, items)
+    assert ml(["get", "svc", "catalog", "-o", "json", *c]).returncode == 0
+    res = ml(["get", "svc", *c])
+    assert [ln.split()[0] for ln in res.stdout.splitlines()[1:]] == ["catalog", "catalog-v2"]
+    assert ml(["describe", "svc", "catalog", *c]).returncode == 0
+    res = ml(["delete", "route", "catalog-canary", *c])
+    assert res.returncode == 0, res.stderr
+    res = ml(["get", "nosuchkind", *c])
+    assert res.returncode == 1 and "unknown kind" in res.stderr

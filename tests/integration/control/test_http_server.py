@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.control import Control, service_doc, start_control
+from tests.support.control import ADMIN_TOKEN, Control, service_doc, start_control
 from tests.support.procs import Cluster, raw
 
 
@@ -43,7 +43,10 @@ def test_pipelined_keep_alive_requests_are_answered_in_order(ctl: Control) -> No
     data = raw(
         ctl.port,
         b"GET /healthz HTTP/1.1\r\nHost: c\r\n\r\n"
-        b"POST /v1/apply HTTP/1.1\r\nHost: c\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST /v1/apply HTTP/1.1\r\nHost: c\r\nTransfer-Encoding: chunked\r\n"
+        b"Authorization: Bearer "
+        + ADMIN_TOKEN.encode()
+        + b"\r\n\r\n"
         + chunked
         + b"GET /v1/resources/services/a HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n",
     )

@@ -196,7 +196,10 @@ def test_graceful_stop_deregisters(cluster: Cluster, ctl: Control) -> None:
     wait_for("deregistration", lambda: endpoints_of(client, "catalog") == [], timeout=5)
 
 
-def test_route_change_switches_live_traffic_without_errors(cluster: Cluster, ctl: Control) -> None:
+def test_route_change_switches_live_traffic_without_errors(
+    cluster: Cluster, control: Control
+) -> None:
+    ctl = control  # both stores
     v1 = meshed_service(cluster, ctl, "catalog")
     v2 = meshed_service(cluster, ctl, "catalog-v2")
     client = cluster.sidecar(None, control=ctl.url, extra=FAST)
@@ -389,15 +392,23 @@ def test_reconnect_grace_keeps_peers_until_they_register_again(
 
 
 def test_starts_from_saved_config_while_control_plane_is_down(
-    cluster: Cluster, ctl: Control, tmp_path: Path
+    cluster: Cluster, control: Control, tmp_path: Path
 ) -> None:
+    ctl = control  # both stores
     meshed_service(cluster, ctl, "catalog")
     state = tmp_path / "client-state"
     first = cluster.sidecar(None, control=ctl.url, extra=[*FAST, "--state-dir", str(state)])
     wait_for("catalog endpoint", lambda: endpoints_of(first, "catalog"))
+    wait_for("sync", lambda: in_sync(ctl, first))
     version = config_of(first)["version"]
-    saved = json.loads((state / "config.json").read_text())
-    assert str(saved["version"]) == version
+
+    def saved_version() -> str | None:  # the copy is written in the background
+        try:
+            return str(json.loads((state / "config.json").read_text())["version"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    wait_for("the saved copy", lambda: saved_version() == version)
     assert first.proc.stop() == 0
     ctl.kill()
 
@@ -408,6 +419,111 @@ def test_starts_from_saved_config_while_control_plane_is_down(
     for _ in range(20):
         status, _, body = request(second.outbound, path="/id", host="catalog")
         assert (status, body) == (200, b"catalog")
+
+
+def connected(ctl: Control, sidecar: str) -> bool | None:
+    """``connected`` of one sidecar in ``GET /v1/status`` asked of ``ctl`` (None: not listed)."""
+    for s in ctl.api("GET", "/v1/status")[1]["sidecars"]:
+        if s["sidecar"] == sidecar:
+            return bool(s["connected"])
+    return None
+
+
+def test_check_counts_streams_held_by_another_control_process(cluster: Cluster, store: str) -> None:
+    """Two control processes share one store; a sidecar watches through B. Asked of A,
+    the sidecar is connected (and `meshlayer check` passes); once its stream on B
+    closes, A says so too."""
+    a = start_control(cluster.tmp, store, procs=cluster.procs)
+    b = start_control(cluster.tmp, store, procs=cluster.procs)
+    catalog = meshed_service(cluster, b, "catalog")
+    sid = config_of(catalog)["control"]["sidecar"]
+    wait_for("sync", lambda: in_sync(b, catalog))
+    wait_for("A to list the sidecar", lambda: connected(a, sid) is not None)
+    assert connected(a, sid) is True
+    res = run_meshlayer(["check", "--control", a.url, "--wait", "3"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"sidecar {sid} at version" in res.stdout
+    assert connected(b, sid) is True
+
+    # a registration whose only stream (on B) closes: A stops counting it
+    reg = {"service": "probe", "address": "127.0.0.1:9", "ttl": 30, "sidecar": "probe-1"}
+    assert a.api("POST", "/v1/registry", reg)[0] == 200
+    assert connected(a, "probe-1") is False
+    watch = b.watch("probe-1")
+    _, _, snap = watch.event()
+    ident = a.api("GET", "/v1/status")[1]["store"]["id"]  # one store, one identity
+    assert ident and snap["store"] == ident == b.api("GET", "/v1/status")[1]["store"]["id"]
+    wait_for("A to see probe-1's stream", lambda: connected(a, "probe-1"))
+    watch.close()
+    wait_for(
+        "A to see it closed",
+        lambda: connected(a, "probe-1") is False,
+        timeout=5,
+    )
+    versions = {int(a.api("GET", "/v1/status")[1]["version"]) for _ in range(2)}
+    watch = b.watch("probe-1")  # stream records are not mesh changes
+    watch.event()
+    wait_for("A to see probe-1's stream", lambda: connected(a, "probe-1"))
+    assert int(a.api("GET", "/v1/status")[1]["version"]) in versions
+    watch.close()
+
+
+def copy_sqlite(src: Path, dst: Path) -> None:
+    """A consistent copy of a live SQLite store (WAL included): the same store, as it
+    was at this moment."""
+    import sqlite3
+
+    with sqlite3.connect(src) as s, sqlite3.connect(dst) as d:
+        s.backup(d)
+    s.close()
+    d.close()
+
+
+def test_versions_never_go_back_within_a_store_but_follow_a_new_store(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A control process started on an old copy of the store (same identity, lower
+    version) is ignored; a new, empty store (another identity) is followed at once."""
+    db = tmp_path / "control.db"
+    ctl = start_control(cluster.tmp, f"sqlite:{db}", procs=cluster.procs)
+    state = tmp_path / "client-state"
+    client = cluster.sidecar(None, control=ctl.url, extra=[*FAST, "--state-dir", str(state)])
+    apply(ctl, service_doc("early"))
+    wait_for("sync", lambda: in_sync(ctl, client))
+    copy_sqlite(db, tmp_path / "old.db")
+    for i in range(6):  # far enough ahead that the copy's own lease bumps stay behind
+        high = apply(ctl, service_doc(f"later-{i}"))
+    wait_for("sync", lambda: in_sync(ctl, client))
+    ident = ctl.api("GET", "/v1/status")[1]["store"]["id"]
+    assert config_of(client)["control"]["store"] == ident
+    assert json.loads((state / "config.json").read_text())["store"] == ident  # saved copy
+
+    ctl.kill()
+    old = start_control(
+        cluster.tmp, f"sqlite:{tmp_path / 'old.db'}", port=ctl.port, procs=cluster.procs
+    )
+    assert old.api("GET", "/v1/status")[1]["store"]["id"] == ident
+    wait_for(
+        "the sidecar to ignore the old copy",
+        lambda: "ignoring snapshot version" in client.proc.log(),
+    )
+    wait_for("it to reconnect", lambda: config_of(client)["control"]["connected"])
+    assert mesh_version(old) < high
+    time.sleep(0.5)
+    view = config_of(client)
+    assert int(view["version"]) == high and "later-5" in view["services"]
+
+    old.kill()
+    fresh = start_control(
+        cluster.tmp, f"sqlite:{tmp_path / 'new.db'}", port=ctl.port, procs=cluster.procs
+    )
+    new_ident = fresh.api("GET", "/v1/status")[1]["store"]["id"]
+    assert new_ident and new_ident != ident
+    wait_for("the sidecar to follow the new store", lambda: in_sync(fresh, client))
+    view = config_of(client)
+    assert int(view["version"]) < high and "later-5" not in view["services"]
+    assert view["control"]["store"] == new_ident
+    assert "NEW STORE" in client.proc.log()
 
 
 def test_sidecar_without_config_or_control_refuses_to_start(tmp_path: Path) -> None:

@@ -1,0 +1,108 @@
+"""Optional mypyc build of the proxy's hot path; everything else is in pyproject.toml.
+
+With ``MESHLAYER_MYPYC=1`` in the environment, ``pip install .`` / ``pip wheel .``
+compile the modules below with mypyc (C extensions next to the .py files, which stay
+in the package). Without it, or when mypyc or a C compiler is missing, or when any
+module fails to build, the package is the pure-Python one, unchanged. Editable
+installs (``pip install -e .``) put the extensions in ``src/``, where they shadow
+the .py files: edit, then reinstall, or the edits are not what runs. Hence off by
+default, so ``make test`` tests the sources as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HOT = [
+    "codec/__init__.py",
+    "codec/errors.py",
+    "codec/events.py",
+    "codec/fields.py",
+    "codec/request.py",
+    "codec/response.py",
+    "codec/serialize.py",
+    "exchange.py",
+    "server.py",
+    "upstream.py",
+    "pool.py",
+    "balancer.py",
+    "resilience.py",
+    "routes.py",
+    "runtime.py",
+    "metrics.py",
+    "errors.py",
+    # subclasses server.DownstreamConnection: interpreted classes cannot inherit
+    # from compiled ones, so it is compiled with them
+    "acceptor.py",
+]
+
+
+def _warn(msg: str) -> None:
+    print(f"meshlayer: {msg}; building pure Python", file=sys.stderr)
+
+
+class OptionalBuildExt(build_ext):
+    """All of the mypyc extensions or none: a shim without its shared library
+    would fail to import instead of falling back to the .py file."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # no compiler, compile error, ...
+            _warn(f"mypyc build failed ({exc})")
+            for ext in self.extensions:
+                for path in (self.get_ext_fullpath(ext.name), self._inplace_path(ext.name)):
+                    Path(path).unlink(missing_ok=True)
+
+    def _inplace_path(self, name: str) -> str:
+        *pkg, mod = name.split(".")
+        base = Path("src", *pkg) if pkg else Path("src")
+        return str(base / Path(self.get_ext_filename(mod)).name)
+
+
+COMPILE = os.environ.get("MESHLAYER_MYPYC", "0") == "1"
+# The mypyc that compiles must match the C it generates: one pinned version. Under PEP 517
+# setuptools hands setup_requires to pip, which installs it in the isolated build env.
+MYPYC = "mypy==2.4.1"
+
+
+def ext_modules() -> list[Any]:
+    if not COMPILE:
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:  # also pip's first pass, which only collects setup_requires
+        _warn("mypyc is not importable")
+        return []
+    proxy = Path("src", "meshlayer", "proxy")
+    try:
+        return list(mypycify([str(proxy / p) for p in HOT], opt_level="3"))
+    except (Exception, SystemExit) as exc:  # mypyc reports its errors and exits
+        _warn(f"mypyc could not compile ({exc!r})")
+        return []
+
+
+def remove_stale() -> None:
+    """A pure build after a compiled one: the old extensions would shadow the sources."""
+    proxy = Path("src", "meshlayer", "proxy")
+    for p in HOT:
+        for so in (proxy / p).parent.glob(Path(p).stem + ".*.so"):
+            so.unlink()
+    for so in Path("src").glob("*__mypyc.*.so"):
+        so.unlink()
+
+
+if not COMPILE:
+    remove_stale()
+
+setup(
+    ext_modules=ext_modules(),
+    cmdclass={"build_ext": OptionalBuildExt},
+    setup_requires=[MYPYC] if COMPILE else [],
+)

@@ -1,0 +1,222 @@
+"""Validate ``kind: AuthorizationPolicy`` and ``kind: Mesh`` documents.
+
+Theory of operation: as for HTTPRoutes (:mod:`meshlayer.config.httproute`),
+:mod:`meshlayer.config.load` reads a document's envelope and hands the
+document's reader here; ``spec`` is read field by field through the same
+strict reader, so an unknown field or a bad value is an error naming the
+document and the field path, e.g. ``mesh.yaml#4
+(AuthorizationPolicy/catalog-readers): spec.rules[0].from[0].identities[1]:
+must be a SPIFFE ID spiffe://<trust-domain>/ns/<namespace>/sa/<service>``.
+
+A policy's paths are compared with the *normalised* request path
+(:mod:`meshlayer.proxy.pathnorm`), so a path in a policy must itself be in
+normal form: a value that normalisation would change (``/a//b``, ``/a/./b``,
+``/%61dmin``) could never match and is refused with its normal form in the
+message. The identity headers the mesh sets cannot be used in header
+conditions (the sidecar strips client copies; use ``from`` instead).
+
+The target service need not exist among the documents: the control plane's
+registry may supply it, and a policy for a service nobody runs is harmless.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from meshlayer.config.errors import ConfigError
+from meshlayer.config.model import (
+    AUTHZ_ACTIONS,
+    AUTHZ_DEFAULTS,
+    MTLS_MODES,
+    ROUTE_METHODS,
+    AuthorizationPolicy,
+    HeaderMatch,
+    MeshSettings,
+    PolicyOperation,
+    PolicyPath,
+    PolicyRule,
+    PolicySource,
+)
+from meshlayer.proxy.pathnorm import PathError, normalize_path
+
+if TYPE_CHECKING:
+    from meshlayer.config.load import _Reader
+
+MESH_NAME = "default"
+MAX_PATH = 1024
+IDENTITY_HEADERS = ("x-meshlayer-peer-identity", "x-forwarded-client-cert")
+"""Headers the mesh sets from the verified peer certificate; stripped from what clients send."""
+
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
+_FIELD_VALUE_RE = re.compile(r"^[\x20-\x7e\t]{0,4096}$")
+_PATH_CHARS_RE = re.compile(r"^/[\x21-\x7e]*$")
+# spiffe://<trust domain>/ns/<namespace>/sa/<service>; trust domain as SPIFFE allows.
+SPIFFE_RE = re.compile(
+    r"^spiffe://([a-z0-9._-]{1,255})/ns/([a-z0-9]([-a-z0-9]*[a-z0-9])?)"
+    r"/sa/([a-z0-9]([-a-z0-9.]*[a-z0-9])?)$"
+)
+
+
+def parse_authorization_policy(r: _Reader, name: str) -> AuthorizationPolicy:
+    """Read the ``spec`` of an AuthorizationPolicy document. Raises ConfigError."""
+    spec = r.child("spec", required=True)
+    tr = spec.child("targetRef", required=True)
+    kind = tr.get("kind", "Service")
+    if kind != "Service":
+        raise tr.error("kind", f"must be Service, got {kind!r}")
+    target = tr.string("name", required=True)
+    if not _NAME_RE.match(target) or len(target) > 253:
+        raise tr.error("name", f"must be a service name (lowercase DNS name), got {target!r}")
+    tr.finish()
+    action = spec.string("action", required=True)
+    if action not in AUTHZ_ACTIONS:
+        raise spec.error("action", f"must be one of {', '.join(AUTHZ_ACTIONS)}, got {action!r}")
+    dry_run = spec.boolean("dryRun", False)
+    rules = tuple(_rule(rr) for rr in spec.each("rules"))
+    if not rules:
+        raise spec.error("rules", "must hold at least one rule (a rule {} matches every request)")
+    spec.finish()
+    return AuthorizationPolicy(name, target, action, dry_run, rules)
+
+
+def parse_mesh(r: _Reader, name: str) -> MeshSettings:
+    """Read the ``spec`` of the Mesh document (name ``default``). Raises ConfigError."""
+    if name != MESH_NAME:
+        raise r.error("metadata.name", f"must be {MESH_NAME!r} (there is one Mesh), got {name!r}")
+    spec = r.child("spec")
+    mr = spec.child("mtls")
+    mode = mr.string("mode", "strict")
+    if mode not in MTLS_MODES:
+        raise mr.error("mode", f"must be one of {', '.join(MTLS_MODES)}, got {mode!r}")
+    mr.finish()
+    ar = spec.child("authorization")
+    default = ar.string("default", "allow")
+    if default not in AUTHZ_DEFAULTS:
+        raise ar.error("default", f"must be one of {', '.join(AUTHZ_DEFAULTS)}, got {default!r}")
+    dry_run = ar.boolean("dryRun", False)
+    ar.finish()
+    spec.finish()
+    return MeshSettings(mode, default, dry_run)
+
+
+def service_of(identity: str) -> str | None:
+    """The service of a SPIFFE ID in namespace ``default``, else None."""
+    m = SPIFFE_RE.match(identity)
+    if m is None or m.group(2) != "default":
+        return None
+    return m.group(4)
+
+
+def _rule(r: _Reader) -> PolicyRule:
+    sources = tuple(_source(sr) for sr in _entries(r, "from"))
+    operations = tuple(_operation(orr) for orr in _entries(r, "to"))
+    r.finish()
+    return PolicyRule(sources, operations)
+
+
+def _entries(r: _Reader, key: str) -> list[_Reader]:
+    """A ``from``/``to`` list: absent means any; present, it must not be empty."""
+    if r.has(key) and r.get(key) == []:
+        raise r.error(key, "must not be empty (leave it out to match any)")
+    return r.each(key)
+
+
+def _strings(r: _Reader, key: str) -> list[tuple[str, str]]:
+    """A list of non-empty strings, each with its field path for errors."""
+    raw = r.items(key)
+    out = []
+    for i, value in enumerate(raw):
+        if not isinstance(value, str) or not value:
+            raise r.error(f"{key}[{i}]", f"must be a non-empty string, got {value!r}")
+        out.append((f"{key}[{i}]", value))
+    if r.has(key) and not out:
+        raise r.error(key, "must not be empty (leave it out to match any)")
+    return out
+
+
+def _source(r: _Reader) -> PolicySource:
+    identities = []
+    for where, value in _strings(r, "identities"):
+        if not SPIFFE_RE.match(value):
+            raise r.error(
+                where,
+                "must be a SPIFFE ID spiffe://<trust-domain>/ns/<namespace>/sa/<service>, "
+                f"got {value!r}",
+            )
+        identities.append(value)
+    services = []
+    for where, value in _strings(r, "services"):
+        if not _NAME_RE.match(value) or len(value) > 253:
+            raise r.error(where, f"must be a service name (lowercase DNS name), got {value!r}")
+        services.append(value)
+    r.finish()
+    if not identities and not services:
+        raise _whole(r, "must name identities or services")
+    return PolicySource(tuple(identities), tuple(services))
+
+
+def _operation(r: _Reader) -> PolicyOperation:
+    methods = []
+    for where, value in _strings(r, "methods"):
+        if value not in ROUTE_METHODS:
+            raise r.error(where, f"must be one of {', '.join(ROUTE_METHODS)}, got {value!r}")
+        methods.append(value)
+    paths = [_path(pr) for pr in r.each("paths")]
+    if r.has("paths") and not paths:
+        raise r.error("paths", "must not be empty (leave it out to match any)")
+    headers = []
+    for hr in r.each("headers"):
+        hname = hr.string("name", required=True)
+        if not _TOKEN_RE.match(hname):
+            raise hr.error("name", f"must be an HTTP header name, got {hname!r}")
+        if hname.lower() in IDENTITY_HEADERS:
+            raise hr.error(
+                "name", f"{hname!r} is set by the mesh from the peer certificate; use 'from'"
+            )
+        hvalue = hr.get("value")
+        if not isinstance(hvalue, str) or not _FIELD_VALUE_RE.match(hvalue):
+            raise hr.error("value", f"must be a string valid as a header value, got {hvalue!r}")
+        if hvalue != hvalue.strip(" \t"):
+            raise hr.error("value", f"must not start or end with whitespace, got {hvalue!r}")
+        hr.finish()
+        headers.append(HeaderMatch(hname.lower(), hvalue))
+    if r.has("headers") and not headers:
+        raise r.error("headers", "must not be empty (leave it out to match any)")
+    r.finish()
+    if not methods and not paths and not headers:
+        raise _whole(r, "must name methods, paths or headers")
+    return PolicyOperation(tuple(methods), tuple(paths), tuple(headers))
+
+
+def _path(r: _Reader) -> PolicyPath:
+    kinds = [k for k in ("exact", "prefix") if r.has(k)]
+    if len(kinds) != 1:
+        r.get("exact")
+        r.get("prefix")
+        r.finish()
+        raise _whole(r, "must have exactly one of exact or prefix")
+    kind = kinds[0]
+    value = r.string(kind, required=True)
+    if not value.startswith("/"):
+        raise r.error(kind, f"must start with '/', got {value!r}")
+    if len(value) > MAX_PATH or not _PATH_CHARS_RE.match(value):
+        raise r.error(
+            kind, f"must be printable ASCII without spaces, at most {MAX_PATH}, got {value!r}"
+        )
+    if "?" in value or "#" in value:
+        raise r.error(kind, f"must be a path without query or fragment, got {value!r}")
+    try:
+        normal = normalize_path(value)
+    except PathError as exc:
+        raise r.error(kind, f"{exc} (requests with it are refused), got {value!r}") from None
+    if normal != value:
+        raise r.error(kind, f"must be in normal form {normal!r} (requests are normalised first)")
+    r.finish()
+    return PolicyPath(value, kind == "prefix")
+
+
+def _whole(r: _Reader, problem: str) -> ConfigError:
+    """An error about the mapping ``r`` reads itself (not one of its fields)."""
+    return ConfigError(r.doc, r.path, problem)

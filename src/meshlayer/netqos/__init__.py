@@ -1,0 +1,1 @@
+"""``meshlayer net qos``: the host's packet scheduler for priority classes (``tc``)."""
