@@ -11,6 +11,8 @@ import argparse
 import http.client
 import json
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,6 +187,19 @@ class ControlAPI:
         if status == 409:
             raise CLIError(f"conflict: {message(data)}", 1)
         raise CLIError(f"control plane answered {status}: {message(data)}", 1)
+
+
+def cli_command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a command: a CLIError becomes ``meshlayer COMMAND: message`` and its exit code."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except CLIError as exc:
+            print(f"meshlayer {args.command}: {exc.message}", file=sys.stderr)
+            return exc.code
+
+    return run
 
 
 def message(data: Any) -> str:

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
-from meshlayer.cli.client import CLIError, ControlAPI, add_admin_flags, api_from_args, path
+from meshlayer.cli.client import (
+    CLIError,
+    ControlAPI,
+    add_admin_flags,
+    api_from_args,
+    cli_command,
+    path,
+)
 
 SUFFIXES = (".yaml", ".yml", ".json")
 _DOC_RE = re.compile(r"\bdoc#(\d+)\b")
@@ -59,18 +66,6 @@ def _api(args: argparse.Namespace) -> ControlAPI:
     return api_from_args(args)
 
 
-def _runner(fn: Any) -> Any:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            code: int = fn(args)
-            return code
-        except CLIError as exc:
-            print(f"meshlayer {args.command}: {exc.message}", file=sys.stderr)
-            return exc.code
-
-    return run
-
-
 # -- apply --------------------------------------------------------------------------
 
 
@@ -95,7 +90,7 @@ def _add_apply(sub: SubParsers) -> None:
         "sorted) or - for stdin; repeatable",
     )
     _control_flag(p)
-    p.set_defaults(func=_runner(_apply))
+    p.set_defaults(func=cli_command(_apply))
 
 
 def _files(arg: str) -> list[Path]:
@@ -190,7 +185,7 @@ def _add_get(sub: SubParsers) -> None:
     p.add_argument("name", nargs="?", help="one resource by name")
     p.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
     _control_flag(p)
-    p.set_defaults(func=_runner(_get))
+    p.set_defaults(func=cli_command(_get))
 
 
 def _summary(doc: dict[str, Any]) -> str:
@@ -283,7 +278,7 @@ def _add_delete(sub: SubParsers) -> None:
     p.add_argument("name")
     p.add_argument("--resource-version", type=int, metavar="N", help="only if still at N")
     _control_flag(p)
-    p.set_defaults(func=_runner(_delete))
+    p.set_defaults(func=cli_command(_delete))
 
 
 def _delete(args: argparse.Namespace) -> int:
@@ -313,7 +308,7 @@ def _add_describe(sub: SubParsers) -> None:
     p.add_argument("kind", choices=["service", "services", "svc"], help="service")
     p.add_argument("name")
     _control_flag(p)
-    p.set_defaults(func=_runner(_describe))
+    p.set_defaults(func=cli_command(_describe))
 
 
 def _describe(args: argparse.Namespace) -> int:
@@ -405,7 +400,7 @@ def _add_check(sub: SubParsers) -> None:
         help="how long sidecars may take to catch up before they count as behind "
         "(default: %(default)s)",
     )
-    p.set_defaults(func=_runner(_check))
+    p.set_defaults(func=cli_command(_check))
 
 
 def check_lines(url: str, st: dict[str, Any]) -> list[tuple[bool, str]]:

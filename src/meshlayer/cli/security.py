@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any
 
-from meshlayer.cli.client import CLIError, ControlAPI, add_admin_flags, api_from_args, message
+from meshlayer.cli.client import (
+    CLIError,
+    ControlAPI,
+    add_admin_flags,
+    api_from_args,
+    cli_command,
+    message,
+)
 
 PHASES = ("add", "switch", "retire")
 
@@ -46,7 +52,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     create.add_argument("--json", action="store_true", help="print the whole answer as JSON")
     _common(create)
-    create.set_defaults(func=_runner(_token_create))
+    create.set_defaults(func=cli_command(_token_create))
 
     ca = sub.add_parser(
         "ca",
@@ -58,7 +64,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     show = csub.add_parser("show", help="trust domain, roots, signing root, generation")
     show.add_argument("--json", action="store_true", help="print the answer as JSON")
     _common(show)
-    show.set_defaults(func=_runner(_ca_show))
+    show.set_defaults(func=cli_command(_ca_show))
     rot = csub.add_parser("rotate", help="rotate the root (all steps, or one with --phase)")
     rot.add_argument(
         "--phase",
@@ -79,7 +85,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="how long to wait for the sidecars before a step (default: %(default)s)",
     )
     _common(rot)
-    rot.set_defaults(func=_runner(_ca_rotate))
+    rot.set_defaults(func=cli_command(_ca_rotate))
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -95,18 +101,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _api(args: argparse.Namespace) -> ControlAPI:
     return api_from_args(args)
-
-
-def _runner(fn: Any) -> Any:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            code: int = fn(args)
-            return code
-        except CLIError as exc:
-            print(f"meshlayer {args.command}: {exc.message}", file=sys.stderr)
-            return exc.code
-
-    return run
 
 
 def _token_create(args: argparse.Namespace) -> int:

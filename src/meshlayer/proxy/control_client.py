@@ -62,7 +62,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from meshlayer.config.errors import ConfigError
@@ -76,9 +76,11 @@ from meshlayer.proxy.control_http import (
     parse_control_url,
     request,
 )
-from meshlayer.proxy.identity import IdentityClient
 from meshlayer.proxy.metrics import Metrics
 from meshlayer.proxy.sse import SSEDecoder, SSEError
+
+if TYPE_CHECKING:  # cryptography is imported only by sidecars that have an identity
+    from meshlayer.proxy.identity import IdentityClient
 
 log = logging.getLogger("meshlayer.control")
 

@@ -29,16 +29,6 @@ WAIT = 2
 OVERFLOW = 3
 
 
-class _Detached:
-    """Where a rejected connection reports its end: nowhere (its slot is freed)."""
-
-    def on_closed(self, conn: UpstreamConnection) -> None:
-        pass
-
-
-_DETACHED: ServicePool = _Detached()  # type: ignore[assignment]
-
-
 class ServicePool:
     """Connections to all endpoints of one service."""
 
@@ -182,3 +172,16 @@ class ServicePool:
             for conn in conns:
                 conn.close()
             conns.clear()
+
+
+class _Detached(ServicePool):
+    """Where a rejected connection reports its end: nowhere (its slot is freed).
+
+    A real ServicePool, not a stand-in: the mypyc build (``MESHLAYER_MYPYC=1``)
+    checks the type of ``UpstreamConnection.pool`` at run time."""
+
+    def on_closed(self, conn: UpstreamConnection) -> None:
+        pass
+
+
+_DETACHED = _Detached(CircuitBreaker())

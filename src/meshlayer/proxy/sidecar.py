@@ -32,7 +32,6 @@ from meshlayer.proxy.control_client import ControlClient, ControlOptions, load_s
 from meshlayer.proxy.control_http import parse_control_url
 from meshlayer.proxy.errors import MeshError
 from meshlayer.proxy.exchange import Exchange
-from meshlayer.proxy.identity import IdentityClient
 from meshlayer.proxy.loop import loop_name, run
 from meshlayer.proxy.metrics import Metrics
 from meshlayer.proxy.netmarks import warn_class_marks
@@ -435,6 +434,8 @@ async def _main(
     if opts.control is not None:
         identity = None
         if sidecar.tls is not None:
+            from meshlayer.proxy.identity import IdentityClient  # needs cryptography
+
             identity = IdentityClient(
                 opts.service, opts.token, sidecar.tls, opts.control.request_timeout
             )

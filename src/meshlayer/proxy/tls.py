@@ -39,8 +39,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 log = logging.getLogger("meshlayer.tls")
@@ -82,6 +80,9 @@ def verify_peer(der: bytes | None, trust_domain: str, expected: str | None = Non
         PeerRejected: no certificate, a CA certificate, not exactly one URI SAN,
             a malformed ID, another trust domain, or not ``expected``.
     """
+    from cryptography import x509  # imported when a peer is checked, not at start
+    from cryptography.x509.oid import ExtensionOID
+
     if not der:
         raise PeerRejected("no-certificate", "peer presented no certificate")
     try:
