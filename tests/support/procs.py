@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,10 @@ class Cluster:
         self.tmp = tmp
         self.procs: list[Proc] = []
 
-    def upstream(self, name: str = "upstream", port: int | None = None) -> Upstream:
+    def upstream(
+        self, name: str = "upstream", port: int | None = None, flags: Sequence[str] = ()
+    ) -> Upstream:
+        """A test upstream (``tests/support/upstream_app.py``) with extra ``flags``."""
         port = port or free_port()
         proc = Proc(
             f"upstream-{name}-{port}",
@@ -160,6 +164,7 @@ class Cluster:
                 str(port),
                 "--name",
                 name,
+                *flags,
             ],
             self.tmp,
         )
@@ -329,24 +334,7 @@ class RssSampler:
 def upstream_with(cluster: Cluster, name: str, *flags: str, port: int | None = None) -> Upstream:
     """Like ``cluster.upstream`` with extra upstream_app flags, e.g.
     ``upstream_with(cluster, "slow", "--delay-ms", "50")`` or ``"--fail-status", "503"``."""
-    port = port or free_port()
-    proc = Proc(
-        f"upstream-{name}-{port}",
-        [
-            sys.executable,
-            "-m",
-            "tests.support.upstream_app",
-            "--port",
-            str(port),
-            "--name",
-            name,
-            *flags,
-        ],
-        cluster.tmp,
-    )
-    cluster.procs.append(proc)
-    wait_port(port, proc=proc)
-    return Upstream(proc, port, name)
+    return cluster.upstream(name, port, flags)
 
 
 def parallel(
@@ -382,16 +370,27 @@ def parallel(
 
 
 def run_meshlayer(
-    args: list[str], timeout: float = 20.0, cwd: Path | None = None
+    args: list[str],
+    timeout: float = 20.0,
+    cwd: Path | None = None,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+    unset: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m meshlayer ARGS`` to completion; output captured as text."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    """Run ``python -m meshlayer ARGS`` to completion; output captured as text.
+
+    The child gets this environment without the variables whose names start with
+    one of ``unset``, plus ``env``.
+    """
+    full = {k: v for k, v in os.environ.items() if not k.startswith(tuple(unset))}
+    full["PYTHONPATH"] = str(ROOT) + os.pathsep + full.get("PYTHONPATH", "")
+    full.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "meshlayer", *args],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=str(cwd or ROOT),
-        env=env,
+        env=full,
     )

@@ -4,10 +4,8 @@ output, error messages and exit codes."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 import yaml
 
 from tests.support.control import ADMIN_TOKEN, Control, start_control
-from tests.support.procs import ROOT, Cluster, free_port
+from tests.support.procs import Cluster, free_port, run_meshlayer
 
 SERVICE = """\
 apiVersion: meshlayer/v1
@@ -49,20 +47,8 @@ def ml(
     args: list[str], stdin: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``python -m meshlayer ARGS`` with optional stdin and extra environment."""
-    full = dict(os.environ)
-    full.pop("MESHLAYER_CONTROL", None)
-    full["MESHLAYER_ADMIN_TOKEN"] = ADMIN_TOKEN
-    full["PYTHONPATH"] = str(ROOT) + os.pathsep + full.get("PYTHONPATH", "")
-    full.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "meshlayer", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=str(ROOT),
-        env=full,
-    )
+    full = {"MESHLAYER_ADMIN_TOKEN": ADMIN_TOKEN, **(env or {})}
+    return run_meshlayer(args, 30, stdin=stdin, env=full, unset=["MESHLAYER_CONTROL"])
 
 
 def write(dirpath: Path, name: str, text: str) -> Path:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 
 from tests.support.control import ADMIN_TOKEN, start_control
-from tests.support.procs import ROOT, Cluster
+from tests.support.procs import Cluster, run_meshlayer
 
 GOLD = """\
 apiVersion: meshlayer/v1
@@ -20,18 +18,8 @@ spec: {rank: 75, weight: 20, dscp: AF41, soPriority: 4, congestionControl: reno}
 
 
 def ml(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, MESHLAYER_ADMIN_TOKEN=ADMIN_TOKEN)
-    env.pop("MESHLAYER_CONTROL", None)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run(
-        [sys.executable, "-m", "meshlayer", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=str(ROOT),
-        env=env,
-    )
+    env = {"MESHLAYER_ADMIN_TOKEN": ADMIN_TOKEN}
+    return run_meshlayer(args, 30, stdin=stdin, env=env, unset=["MESHLAYER_CONTROL"])
 
 
 def test_priority_class_applied_listed_and_pushed(cluster: Cluster) -> None:

@@ -4,13 +4,11 @@ never the token), else ``./.meshlayer/admin-token``; a 401 says where it looked.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from tests.support.control import start_control
-from tests.support.procs import ROOT, Cluster
+from tests.support.procs import Cluster, run_meshlayer
 
 SERVICE = "apiVersion: meshlayer/v1\nkind: Service\nmetadata: {name: web}\nspec: {}\n"
 
@@ -18,17 +16,7 @@ SERVICE = "apiVersion: meshlayer/v1\nkind: Service\nmetadata: {name: web}\nspec:
 def _ml(
     args: list[str], cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("MESHLAYER_")}
-    full["PYTHONPATH"] = str(ROOT) + os.pathsep + full.get("PYTHONPATH", "")
-    full.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "meshlayer", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=str(cwd),
-        env=full,
-    )
+    return run_meshlayer(args, 30, cwd, env=env, unset=["MESHLAYER_"])
 
 
 def test_the_cli_takes_the_admin_token_file_the_control_plane_logged(cluster: Cluster) -> None:

@@ -11,8 +11,6 @@ import os
 import socket
 import ssl
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.support.control import ADMIN_TOKEN, Control, service_doc, start_control
 from tests.support.etcd import unique_prefix
-from tests.support.procs import ROOT, Cluster, upstream_with
+from tests.support.procs import Cluster, run_meshlayer, upstream_with
 
 TD = "meshlayer.local"
 
@@ -177,19 +175,8 @@ def test_writes_need_the_admin_token_and_nothing_is_applied(ctl: Control) -> Non
 
 
 def _ml(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> Any:
-    full = dict(os.environ)
-    full.pop("MESHLAYER_ADMIN_TOKEN", None)
-    full.pop("MESHLAYER_CONTROL", None)
-    full["PYTHONPATH"] = str(ROOT) + os.pathsep + full.get("PYTHONPATH", "")
-    full.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "meshlayer", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=str(cwd),
-        env=full,
-    )
+    unset = ["MESHLAYER_ADMIN_TOKEN", "MESHLAYER_CONTROL"]
+    return run_meshlayer(args, 30, cwd, env=env, unset=unset)
 
 
 def test_generated_admin_token_file_is_0600_and_the_cli_uses_it(cluster: Cluster) -> None:
