@@ -6,10 +6,10 @@ import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Coroutine
 from typing import Any
 
 from meshlayer.control.store import Store
+from meshlayer.proxy.loop import run
 
 log = logging.getLogger("meshlayer.control")
 
@@ -124,15 +124,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=run_control_cli)
 
 
-def _run(main: Coroutine[Any, Any, int]) -> int:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    code: int = uvloop.run(main)
-    return code
-
-
 def run_control_cli(args: argparse.Namespace) -> int:
     from meshlayer.config.load import parse_address
     from meshlayer.control.server import ControlPlane
@@ -161,7 +152,7 @@ def run_control_cli(args: argparse.Namespace) -> int:
         max_body=args.max_body,
         security=security,
     )
-    return _run(_serve(plane))
+    return run(_serve(plane))
 
 
 def _security(args: argparse.Namespace) -> Any:

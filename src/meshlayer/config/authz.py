@@ -25,6 +25,7 @@ import re
 from typing import TYPE_CHECKING
 
 from meshlayer.config.errors import ConfigError
+from meshlayer.config.httproute import header_name, header_value
 from meshlayer.config.model import (
     AUTHZ_ACTIONS,
     AUTHZ_DEFAULTS,
@@ -49,8 +50,6 @@ IDENTITY_HEADERS = ("x-meshlayer-peer-identity", "x-forwarded-client-cert")
 """Headers the mesh sets from the verified peer certificate; stripped from what clients send."""
 
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
-_FIELD_VALUE_RE = re.compile(r"^[\x20-\x7e\t]{0,4096}$")
 _PATH_CHARS_RE = re.compile(r"^/[\x21-\x7e]*$")
 # spiffe://<trust domain>/ns/<namespace>/sa/<service>; trust domain as SPIFFE allows.
 SPIFFE_RE = re.compile(
@@ -168,18 +167,12 @@ def _operation(r: _Reader) -> PolicyOperation:
         raise r.error("paths", "must not be empty (leave it out to match any)")
     headers = []
     for hr in r.each("headers"):
-        hname = hr.string("name", required=True)
-        if not _TOKEN_RE.match(hname):
-            raise hr.error("name", f"must be an HTTP header name, got {hname!r}")
+        hname = header_name(hr)
         if hname.lower() in IDENTITY_HEADERS:
             raise hr.error(
                 "name", f"{hname!r} is set by the mesh from the peer certificate; use 'from'"
             )
-        hvalue = hr.get("value")
-        if not isinstance(hvalue, str) or not _FIELD_VALUE_RE.match(hvalue):
-            raise hr.error("value", f"must be a string valid as a header value, got {hvalue!r}")
-        if hvalue != hvalue.strip(" \t"):
-            raise hr.error("value", f"must not start or end with whitespace, got {hvalue!r}")
+        hvalue = header_value(hr)
         hr.finish()
         headers.append(HeaderMatch(hname.lower(), hvalue))
     if r.has("headers") and not headers:

@@ -42,6 +42,26 @@ MAX_PATH = 1024
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
 _FIELD_VALUE_RE = re.compile(r"^[\x20-\x7e\t]{0,4096}$")
+
+
+def header_name(r: _Reader) -> str:
+    """``name`` of a header match (HTTPRoute and AuthorizationPolicy), as written."""
+    name = r.string("name", required=True)
+    if not _TOKEN_RE.match(name):
+        raise r.error("name", f"must be an HTTP header name, got {name!r}")
+    return name
+
+
+def header_value(r: _Reader) -> str:
+    """``value`` of a header match: a valid field value without edge whitespace."""
+    value = r.get("value")
+    if not isinstance(value, str) or not _FIELD_VALUE_RE.match(value):
+        raise r.error("value", f"must be a string valid as a header value, got {value!r}")
+    if value != value.strip(" \t"):
+        raise r.error("value", f"must not start or end with whitespace, got {value!r}")
+    return value
+
+
 _PATH_CHARS_RE = re.compile(r"^/[\x21-\x7e]*$")
 # Path spellings the Gateway API refuses: they are ambiguous after normalisation.
 _BAD_PATH_PARTS = ("//", "/./", "/../", "%2f", "%2F", "#", "?")
@@ -159,14 +179,8 @@ def _match(r: _Reader) -> RouteMatch:
         kind = hr.string("type", "Exact")
         if kind != "Exact":
             raise hr.error("type", f"must be Exact (the only header match supported), got {kind!r}")
-        hname = hr.string("name", required=True)
-        if not _TOKEN_RE.match(hname):
-            raise hr.error("name", f"must be an HTTP header name, got {hname!r}")
-        hvalue = hr.get("value")
-        if not isinstance(hvalue, str) or not _FIELD_VALUE_RE.match(hvalue):
-            raise hr.error("value", f"must be a string valid as a header value, got {hvalue!r}")
-        if hvalue != hvalue.strip(" \t"):
-            raise hr.error("value", f"must not start or end with whitespace, got {hvalue!r}")
+        hname = header_name(hr)
+        hvalue = header_value(hr)
         hr.finish()
         headers.append(HeaderMatch(hname.lower(), hvalue))
     seen = [h.name for h in headers]

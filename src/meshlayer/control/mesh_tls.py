@@ -16,7 +16,6 @@ changed or the certificate is half way through its life.
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import time
 
@@ -31,18 +30,9 @@ from meshlayer.control.ca import (
     pem,
     spiffe_id,
 )
+from meshlayer.memtls import load_chain
 
 log = logging.getLogger("meshlayer.control.tls")
-
-
-def _load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
-    """``load_cert_chain`` from memory (an anonymous memfd; the key never hits a disk)."""
-    fd = os.memfd_create("meshlayer-control-identity", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, cert_pem + b"\n" + key_pem)
-        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
 
 
 def server_context(cert_pem: bytes, key_pem: bytes, roots: list[str]) -> ssl.SSLContext:
@@ -52,7 +42,7 @@ def server_context(cert_pem: bytes, key_pem: bytes, roots: list[str]) -> ssl.SSL
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata="\n".join(roots))
-    _load_chain(ctx, cert_pem, key_pem)
+    load_chain(ctx, cert_pem, key_pem)
     return ctx
 
 
@@ -88,7 +78,7 @@ class MeshTLS:
         client.minimum_version = ssl.TLSVersion.TLSv1_3
         client.check_hostname = False  # the caller checks the SPIFFE ID
         client.load_verify_locations(cadata="\n".join(state.bundle_pem()))
-        _load_chain(client, pem(issued.cert).encode(), key_pem)
+        load_chain(client, pem(issued.cert).encode(), key_pem)
         self.client = client
         if self.listening.sni_callback is None:  # first build: the listening context
             self.listening = server_context(pem(issued.cert).encode(), key_pem, state.bundle_pem())

@@ -31,7 +31,6 @@ paths, so the PEM is handed over through an anonymous in-memory file
 from __future__ import annotations
 
 import logging
-import os
 import re
 import ssl
 import time
@@ -40,6 +39,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from meshlayer.memtls import load_chain
 
 log = logging.getLogger("meshlayer.tls")
 
@@ -122,16 +123,6 @@ def peer_der(transport: Any) -> bytes | None:
         return None
     der: bytes | None = sslobj.getpeercert(binary_form=True)
     return der
-
-
-def load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
-    """``ctx.load_cert_chain`` from memory: an anonymous memfd, never a file on disk."""
-    fd = os.memfd_create("meshlayer-identity", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, cert_pem + b"\n" + key_pem)
-        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
 
 
 def _base(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes, roots: list[str]) -> None:
