@@ -14,7 +14,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) rabbitmq-server
 	$(BIN)/meshlayer demo
 
 lint: $(STAMP)
@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-test: lint etcd-server
+test: lint etcd-server rabbitmq-server
 	$(BIN)/pytest -q
 
 # Local shortcut: skip the slow end-to-end tests (CI runs everything).
@@ -42,8 +42,36 @@ etcd-server:
 	    -y -q --no-install-recommends etcd-server; rc=$$?; \
 	  [ -z "$$made" ] || $$sudo rm -f /usr/sbin/policy-rc.d; exit $$rc; }
 
+# meshlayer.amqp's tests (and the demo's email worker) run a real RabbitMQ: Debian's
+# rabbitmq-server, installed when missing. policy-rc.d forbids the package from starting a
+# system broker. Should the install start an epmd or broker anyway, it runs as the package's
+# users (rabbitmq, epmd): one of theirs that was not running before is stopped by PID. Other
+# users' brokers (tests, `make demo`, running meanwhile) are never touched. Tests and demo
+# run their own broker on private ports.
+.PHONY: rabbitmq-server
+rabbitmq-server:
+	@[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || { \
+	  sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; made=; \
+	  pkgprocs() { u=$$(getent passwd rabbitmq epmd | cut -d: -f1 | paste -sd, -); \
+	    [ -z "$$u" ] || pgrep -u "$$u" -x 'epmd|beam.smp'; }; \
+	  before=" $$(pkgprocs | tr '\n' ' ') "; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' | $$sudo tee /usr/sbin/policy-rc.d >/dev/null; \
+	    $$sudo chmod 755 /usr/sbin/policy-rc.d; made=1; fi; \
+	  $$sudo apt-get update -q && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install \
+	    -y -q --no-install-recommends rabbitmq-server; rc=$$?; \
+	  [ -z "$$made" ] || $$sudo rm -f /usr/sbin/policy-rc.d; \
+	  for pid in $$(pkgprocs); do \
+	    case "$$before" in *" $$pid "*) ;; *) $$sudo kill "$$pid" || true;; esac; done; \
+	  exit $$rc; }
+
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
+
+# Issue 5's proof: priority vs FIFO vs nginx past saturation (~7 min; add ARGS=--quick).
+.PHONY: bench-priority
+bench-priority: $(STAMP)
+	$(BIN)/python bench/priority.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build

@@ -21,6 +21,8 @@ from setuptools.command.build_ext import build_ext
 
 HOT = [
     "codec/__init__.py",
+    "codec/block.py",
+    "codec/chunked.py",
     "codec/errors.py",
     "codec/events.py",
     "codec/fields.py",
@@ -37,6 +39,7 @@ HOT = [
     "runtime.py",
     "metrics.py",
     "errors.py",
+    "admission.py",
     # subclasses server.DownstreamConnection: interpreted classes cannot inherit
     # from compiled ones, so it is compiled with them
     "acceptor.py",

@@ -99,11 +99,12 @@ async def main(n: int) -> None:
     )
     rt = router.services["web"]
     state = rt.balancer.states[0]
-    up = UpstreamConnection(rt.pool, state)
+    pool = rt.pools[listener.classes.get("default").index]  # type: ignore[union-attr]
+    up = UpstreamConnection(pool, state)
     up_t = FakeTransport()
     up.connection_made(up_t)
-    rt.pool.connections = 1
-    rt.pool.idle[state] = [up]
+    pool.connections = rt.class_pools.connections = 1
+    pool.idle[state] = [up]
     down = listener.protocol()
     down_t = FakeTransport()
     down.connection_made(down_t)

@@ -7,6 +7,7 @@ import pytest
 
 from tests.support.etcd import EtcdCluster, etcd_binary, start_cluster
 from tests.support.procs import Cluster
+from tests.support.rabbitmq import Broker, rabbitmq_missing, start_broker
 
 
 @pytest.fixture
@@ -29,3 +30,16 @@ def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdClust
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One private RabbitMQ broker for the session; tests keep apart by queue name."""
+    reason = rabbitmq_missing()
+    if reason is not None:
+        pytest.skip(reason)
+    b = start_broker(tmp_path_factory.mktemp("rabbitmq"))
+    try:
+        yield b
+    finally:
+        b.stop()

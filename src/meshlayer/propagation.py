@@ -38,6 +38,8 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Mu
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from meshlayer.baggage import class_values
+
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -90,13 +92,9 @@ def class_from_baggage(value: str) -> str | None:
     values are percent-encoded. Malformed members and invalid class names are
     skipped; the first valid ``meshlayer-priority`` member wins.
     """
-    for member in value.split(","):
-        pair = member.split(";", 1)[0]
-        key, eq, raw = pair.partition("=")
-        if not eq or key.strip() != BAGGAGE_KEY:
-            continue
+    for raw in class_values(value.encode("latin-1", "replace")):
         try:
-            decoded = unquote(raw.strip(), errors="strict")
+            decoded = unquote(raw.decode("latin-1"), errors="strict")
         except UnicodeDecodeError:
             continue
         cls = valid_class(decoded)

@@ -24,7 +24,7 @@ HEAD = "apiVersion: meshlayer/v1\nkind: Service\nmetadata: {name: catalog}\nspec
     [
         ([], ["usage: meshlayer", "sidecar", "demo"]),
         (["sidecar"], ["usage: meshlayer sidecar", "--service", "--config", "--grace"]),
-        (["demo"], ["usage: meshlayer demo", "--requests"]),
+        (["demo"], ["usage: meshlayer demo", "--duration"]),
     ],
 )
 def test_help(args: list[str], words: list[str]) -> None:
@@ -133,7 +133,7 @@ def _refused(tmp_path: Path, text: str | None, *extra: str, name: str = "mesh.ya
             "mesh.yaml#1",
             "kind",
             "must be one of Service, HTTPRoute, PriorityClass, AuthorizationPolicy, Mesh, "
-            "got 'Deployment'",
+            "ClassificationRule, got 'Deployment'",
         ),
         (
             GOOD + "---\n" + GOOD,

@@ -1,7 +1,8 @@
-"""`meshlayer demo --exit` end to end, on its control plane: every service answers, every
-sidecar is at the current mesh version, the HTTPRoute splits catalog's traffic between
-its versions, and nothing is left running afterwards. A second run in the same directory
-(another port block) must not trip over the first run's state."""
+"""`meshlayer demo --duration N --exit` end to end: the shop of eight services behind the
+gateway, on its control plane, with its own RabbitMQ, under mixed load. The gateway's
+rules classify shoppers critical and the crawler and reorder job batch, the apps carry
+the class through the call graph, the email worker gets order emails of both classes
+through RabbitMQ, critical requests succeed, and nothing is left running afterwards."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from pathlib import Path
 import pytest
 
 from meshlayer.config.load import load_file
+from tests.support.rabbitmq import rabbitmq_missing
 
 ROOT = Path(__file__).resolve().parents[2]
-SPAN = 54  # the demo uses ports BASE .. BASE+53 (see meshlayer.demo.run)
-SIDECARS = 6
-REQUESTS = 200
-V2_SHARE = 0.2  # catalog-v2's weight in HTTPRoute catalog-split (80/20)
+SPAN = 84  # the demo uses ports BASE .. BASE+83 (see meshlayer.demo.run)
+SIDECARS = 9  # the gateway and one sidecar per app
+PROCESSES = 20  # control plane, epmd, rabbitmq-server, gateway, 8 apps, 8 sidecars
+SERVICES = ("frontend", "catalog", "cart", "recommendations", "checkout", "payment", "inventory")
+DURATION = 12
 
 
 def _bindable(port: int) -> bool:
@@ -34,19 +37,19 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def _free_block(avoid: int = -1) -> int:
+def _free_block() -> int:
     """A base whose whole block is free, below the usual ephemeral port range."""
     rng = random.Random()
     for _ in range(200):
-        base = rng.randrange(20000, 32000, 100)
-        if base != avoid and all(_bindable(p) for p in range(base, base + SPAN)):
+        base = rng.randrange(20000, 31900, 100)
+        if all(_bindable(p) for p in range(base, base + SPAN)):
             return base
     raise RuntimeError("no free block of ports for the demo")
 
 
 def _processes_mentioning(needle: str) -> list[str]:
     """Command lines of live processes containing ``needle`` (Linux /proc; else none)."""
-    found = []
+    found: list[str] = []
     proc = Path("/proc")
     if not proc.is_dir():
         return found
@@ -62,8 +65,38 @@ def _processes_mentioning(needle: str) -> list[str]:
     return found
 
 
-def _run_demo(cwd: Path, base: int) -> None:
-    """One `meshlayer demo --exit` in ``cwd``; asserts on its output and on the cleanup."""
+def _rows(out: str, header: str, names: tuple[str, ...]) -> dict[str, list[str]]:
+    """The rows of the summary table under ``header``: name → the other columns."""
+    start = out.index(header)
+    rows = {}
+    for line in out[start:].splitlines()[2:]:
+        if not line.strip():
+            break
+        cols = line.split()
+        if cols[0] in names:
+            rows[cols[0]] = cols[1:]
+    return rows
+
+
+def _pct(text: str) -> float:
+    return float(text.rstrip("%"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_demo_runs_the_shop_behind_the_gateway_and_cleans_up(tmp_path: Path) -> None:
+    missing = rabbitmq_missing()
+    if missing is not None:
+        pytest.skip(missing)
+    base = _free_block()
+    # What a previous run leaves must not leak in: its database, a sidecar's saved
+    # snapshot (of another mesh), the broker's queues.
+    state = tmp_path / ".meshlayer" / "demo"
+    (state / "sidecar-frontend-1").mkdir(parents=True)
+    (state / "control.db").write_bytes(b"the previous run's database")
+    (state / "sidecar-frontend-1" / "config.json").write_text('{"version": 999}')
+    (state / "rabbitmq" / "mnesia").mkdir(parents=True)
+    (state / "rabbitmq" / "mnesia" / "previous-run").write_text("queues")
     env = dict(os.environ)
     src = str(ROOT / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -73,112 +106,91 @@ def _run_demo(cwd: Path, base: int) -> None:
         "-m",
         "meshlayer",
         "demo",
-        "--requests",
-        str(REQUESTS),
-        "--concurrency",
-        "4",
+        "--duration",
+        str(DURATION),
+        "--exit",
         "--port-base",
         str(base),
-        "--exit",
+        "--users",
+        "8",
+        "--crawl-rate",
+        "100",
+        "--reorder-rate",
+        "10",
     ]
     done = subprocess.run(
-        argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False
+        argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False
     )
     out = done.stdout
     report = f"exit {done.returncode}\n--- stdout\n{out}\n--- stderr\n{done.stderr}"
     assert done.returncode == 0, report
 
+    # Started in order, on a fresh store: the apply is the first version.
     control = f"http://127.0.0.1:{base + 9}"
-    assert re.search(
-        rf"^starting control plane \({re.escape(control)}, store "
-        r"sqlite:\.meshlayer/demo/control\.db\) \.\.\. ready",
-        out,
-        re.M,
-    ), report
-    # A fresh store each run: the apply is the first version, whatever ran here before.
-    applied = (
-        r"^applying \S+mesh\.yaml through the API \.\.\. "
-        r"mesh version 1 \(5 Services and 1 HTTPRoute\)"
+    assert f"starting control plane ({control}, store sqlite:.meshlayer/demo/control.db)" in out
+    applied = re.search(
+        r"^applying \S+mesh\.yaml through the API \.\.\. mesh version 1 \((.*)\)", out, re.M
     )
-    assert re.search(applied, out, re.M), report
-    names = ("edge", "frontend-1", "catalog-v1-1", "catalog-v1-2", "catalog-v2-1", "reviews-1")
-    for name in names:
-        assert re.search(rf"^starting {name}\b.* \.\.\. ready", out, re.M), report
-    synced = re.search(
-        rf"^waiting for the {SIDECARS} sidecars to register .* \.\.\. "
-        rf"{SIDECARS}/{SIDECARS} at version (\d+)",
-        out,
-        re.M,
-    )
-    assert synced, report
+    assert applied, report
+    assert applied.group(1) == "3 PriorityClasss, 3 ClassificationRules, 8 Services", report
+    assert re.search(r"^starting RabbitMQ \(.*\) \.\.\. ready", out, re.M), report
+    for name in ("gateway", *(f"{s}-1" for s in (*SERVICES, "email"))):
+        assert re.search(rf"^starting {name}\b.* \.\.\. ready", out, re.M), f"{name}\n{report}"
+    assert re.search(rf"{SIDECARS}/{SIDECARS} at version \d+", out), report
 
-    rows = {
-        m.group(1): (int(m.group(2)), m.group(3))
-        for m in re.finditer(
-            r"^\s+(frontend|catalog|reviews|end to end)\s+\S+\s+(\d+)\s+(\S+%)", out, re.M
-        )
+    # Per class at the gateway, from its /metrics: both classes ran; critical all but
+    # always succeeded.
+    classes = _rows(out, "by class, at the gateway, the whole run", ("critical", "batch"))
+    assert set(classes) == {"critical", "batch"}, report
+    assert int(classes["critical"][0]) >= 50, report
+    assert int(classes["batch"][0]) >= 100, report
+    assert _pct(classes["critical"][1]) >= 98.0, report
+
+    # Every HTTP service was called through its sidecar.
+    services = _rows(out, "by service, at its sidecar's inbound side", SERVICES)
+    assert set(services) == set(SERVICES), report
+    assert all(int(cols[0]) > 0 for cols in services.values()), report
+    # recommendations' sidecar admits 2 at once (spec.inbound.concurrency: 2).
+    assert services["recommendations"][-2:] == ["limit", "2"], report
+
+    # The load generator's view: the frontend served each workload in the class the
+    # gateway's rules give it (the header a client cannot set, forwarded by the apps).
+    # Columns: requests, success, p50 "ms", p99 "ms", shed, then "served as": class, count.
+    load = _rows(out, "the load generator's own view", ("critical", "batch"))
+    assert load["critical"][7:] == ["critical", load["critical"][0]], report
+    assert load["batch"][7::2] == ["batch"] and int(load["batch"][8]) > 0, report
+    assert _pct(load["critical"][1]) >= 98.0, report
+
+    # The email worker consumed order emails of both classes from RabbitMQ.
+    email = re.search(r"^\s+emails sent through RabbitMQ queue emails .*$", out, re.M)
+    assert email, report
+    sent = {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"(critical|batch) (\d+) \(", email.group(0))
     }
-    assert set(rows) == {"frontend", "catalog", "reviews", "end to end"}, report
-    for service, (requests, success) in rows.items():
-        # Each frontend answer took one catalog call and one reviews call.
-        assert requests == REQUESTS, f"{service}: {requests} requests\n{report}"
-        assert success == "100.0%", f"{service}: success {success}\n{report}"
+    assert sent.get("critical", 0) > 0 and sent.get("batch", 0) > 0, report
 
-    # The control plane's line: every sidecar connected and at the current mesh version.
+    # Every sidecar and the gateway at the current mesh version at the end.
     line = re.search(
-        r"^\s+control plane\s+(\S+)\s+mesh version (\d+)\s+sidecars connected (\d+)/(\d+), "
+        r"control plane\s+(\S+)\s+mesh version (\d+)\s+sidecars connected (\d+)/(\d+), "
         r"at version (\d+): (\d+)/(\d+)",
         out,
-        re.M,
     )
     assert line, report
-    url, version, connected, total, at, current, total2 = line.groups()
-    assert url == control, report
-    assert int(version) >= int(synced.group(1)) and at == version, report
-    assert (int(connected), int(current)) == (SIDECARS, SIDECARS), report
-    assert int(total) == int(total2) == SIDECARS, report
+    assert line.group(1) == control and line.group(3) == line.group(6) == str(SIDECARS), report
 
-    # The route's split, by version and replica; the frontend's answers agree.
-    assert "the frontend's answers agree" in out, report
-    versions = {
-        m.group(1): int(m.group(2))
-        for m in re.finditer(r"^\s+(catalog-v[12])\s+(\d+)\s+\S+%", out, re.M)
-    }
-    replicas = {
-        m.group(1): int(m.group(2))
-        for m in re.finditer(r"^\s+(catalog-v\d-\d)\s+(\d+)\s*$", out, re.M)
-    }
-    assert set(versions) == {"catalog-v1", "catalog-v2"}, report
-    assert sum(versions.values()) == REQUESTS, report
-    assert abs(versions["catalog-v2"] - V2_SHARE * REQUESTS) <= 0.05 * REQUESTS, report
-    assert set(replicas) == {"catalog-v1-1", "catalog-v1-2", "catalog-v2-1"}, report
-    assert all(n > 0 for n in replicas.values()), f"a catalog replica got no traffic\n{report}"
-    assert replicas["catalog-v1-1"] + replicas["catalog-v1-2"] == versions["catalog-v1"]
-
-    # What the user can re-apply is a valid config with the route; sidecars kept state.
-    state = cwd / ".meshlayer" / "demo"
+    # The config the user can re-apply is valid: the rules and classes are in it.
     mesh = load_file(state / "mesh.yaml")
-    assert {"catalog", "catalog-v1", "catalog-v2", "reviews"} <= set(mesh.services)
-    assert [r.name for r in mesh.routes] == ["catalog-split"]
-    assert all(not s.endpoints for s in mesh.services.values()), "meshed endpoints are dynamic"
-    assert (state / "control.db").is_file()
-    assert (state / "sidecar-catalog-v2-1" / "config.json").is_file()
-    assert (state / "catalog-v2-1-sidecar.log").is_file()
-    assert "stopped 12 processes (the control plane last)" in out, report
+    assert set(SERVICES) | {"email"} <= set(mesh.services)
+    assert [r.name for r in mesh.classification_rules] == ["crawlers", "batch-jobs", "shoppers"]
+    assert mesh.services["recommendations"].inbound.concurrency == 2
+    assert (state / "sidecar-recommendations-1" / "config.json").is_file()
+    assert not (state / "rabbitmq" / "mnesia" / "previous-run").exists()
 
-    # Every child was stopped: no process still names the demo's ports, all ports are free.
+    # Every child was stopped: no process names the demo's ports; all ports are free.
+    assert f"stopped {PROCESSES} processes (the control plane last)" in out, report
     assert _processes_mentioning(f"127.0.0.1:{base + 9}") == [], report
-    assert _processes_mentioning(f"127.0.0.1:{base + 21}") == [], report
-    assert _processes_mentioning(f"--port {base + 52}") == [], report
+    assert _processes_mentioning(f"127.0.0.1:{base + 41}") == [], report
+    assert _processes_mentioning(f"meshlayer-demo-{base}@") == [], report
     busy = [p for p in range(base, base + SPAN) if not _bindable(p)]
     assert busy == [], f"ports still in use after the demo: {busy}\n{report}"
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(150)
-def test_demo_runs_the_mesh_on_its_control_plane_and_cleans_up(tmp_path: Path) -> None:
-    first = _free_block()
-    _run_demo(tmp_path, first)
-    # Again in the same directory, on other ports: the saved snapshots and the database of
-    # the first run name endpoints that are gone now.
-    _run_demo(tmp_path, _free_block(avoid=first))

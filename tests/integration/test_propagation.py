@@ -105,12 +105,13 @@ def test_three_hops(chain: tuple[Sidecar, int], headers: dict[str, str]) -> None
     assert _seen_by_c(body) == ["critical"]
 
 
-def test_no_class_adds_nothing_and_nothing_leaks(chain: tuple[Sidecar, int]) -> None:
+def test_no_class_gets_the_default_and_nothing_leaks(chain: tuple[Sidecar, int]) -> None:
+    """Without a class the sidecar stamps its service's default; no class leaks between requests."""
     _, a_port = chain
     for headers in ({p.HEADER: "batch"}, {}, {"baggage": "meshlayer-priority=batch"}, {}):
         status, _, body = request(a_port, host="a", headers=headers)
         assert status == 200, body
-        assert _seen_by_c(body) == (["batch"] if headers else [])
+        assert _seen_by_c(body) == (["batch"] if headers else ["default"])
 
 
 def test_asgi_app_with_httpx_and_aiohttp(cluster: Cluster) -> None:
@@ -146,5 +147,5 @@ def test_asgi_app_with_httpx_and_aiohttp(cluster: Cluster) -> None:
     assert asyncio.run(main()) == [
         [["critical"], ["critical"]],
         [["batch"], ["batch"]],
-        [[], []],
+        [["default"], ["default"]],  # no class: the sidecar stamps the service's default
     ]

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,21 @@ def wait_port(port: int, timeout: float = 10.0, proc: Proc | None = None) -> Non
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+def wait_for(what: str, cond: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``cond`` (OSError counts as not yet) until it is truthy; its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = cond()
+        except OSError:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
 
 
 class Proc:

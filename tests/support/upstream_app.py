@@ -16,8 +16,14 @@ an oracle for what the sidecar forwards) and behaves by path:
   /bad-framing-open   the same, then keeps the connection open without answering
   /ws                 101 when asked to upgrade, then echoes raw bytes
   /stats              JSON: connections, requests and raw bytes received so far
+  /peer               JSON: the client's address and port as this server sees them
   /health             200, or 503 while the file named by --health-file exists
+  /set-delay/<ms>     200; from now on every response is delayed <ms> (as --delay-ms)
   (anything else)     200 "ok"
+
+Answers other than /echo, /bytes, /ws and /bad-framing carry
+``x-echo-priority``: the ``x-meshlayer-priority`` values received (joined by
+", "), when there were any.
 
 Flags ``--delay-ms N`` (delay every response) and ``--fail-status CODE``
 (answer every request but /stats with CODE) make slow or failing replicas.
@@ -110,7 +116,10 @@ async def route(
     conn: h11.Connection,
 ) -> bool:
     """Answer one request; False closes the connection."""
-    if DELAY_MS:
+    global DELAY_MS
+    if path.startswith("/set-delay/"):  # a service time that changes under load
+        DELAY_MS = int(path.split("/")[2])
+    elif DELAY_MS:
         await asyncio.sleep(DELAY_MS / 1000)
     if FAIL_STATUS and path != "/stats":
         path = f"/status/{FAIL_STATUS}"
@@ -188,6 +197,9 @@ async def route(
         body = str(total).encode()
     elif path == "/stats":
         body = json.dumps(STATS).encode()
+    elif path == "/peer":
+        host, port = writer.get_extra_info("peername")[:2]
+        body = json.dumps({"host": host, "port": port}).encode()
     elif path == "/health" and HEALTH_FILE and os.path.exists(HEALTH_FILE):
         status, body = 503, b"unhealthy"
     elif path.startswith("/bytes/"):
@@ -201,6 +213,9 @@ async def route(
         await _send(writer, conn, h11.EndOfMessage())
         return True
     headers = [*headers, ("content-length", str(len(body)))]
+    seen = [v for k, v in req.headers if k == b"x-meshlayer-priority"]
+    if seen:
+        headers.append(("x-echo-priority", b", ".join(seen).decode("latin-1")))
     await _send(writer, conn, _resp(status, headers))
     if req.method != b"HEAD":
         await _send(writer, conn, h11.Data(data=body))

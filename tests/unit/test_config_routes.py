@@ -342,7 +342,7 @@ def test_references_to_undefined_services(spec: str, field: str, name: str) -> N
     # The control plane's registry may supply the service later: not an error there.
     cfg = load_documents(SERVICES + ROUTE + spec, "cp", strict_refs=False)
     assert cfg.routes[0].name == "canary"
-    services, routes, classes, policies, _mesh = parse_documents([], "cp")
+    services, routes, classes, policies, _mesh, _rules = parse_documents([], "cp")
     assert (services, routes, classes, policies) == ([], [], [], [])
 
 

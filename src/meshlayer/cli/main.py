@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from meshlayer import __version__
 from meshlayer.cli.control import add_parser as add_control_parser
+from meshlayer.cli.gateway import add_parser as add_gateway_parser
 from meshlayer.cli.net import add_parser as add_net_parser
+from meshlayer.cli.proxyflags import add_proxy_flags
 from meshlayer.cli.resources import add_parsers as add_resource_parsers
 from meshlayer.cli.security import add_parsers as add_security_parsers
 
@@ -60,75 +61,15 @@ def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="YAML config (Service, HTTPRoute); required without --control, which "
         "uses it only until the first snapshot when there is no saved copy",
     )
+    add_proxy_flags(p, "sidecar", "--inbound")
     p.add_argument(
-        "--control",
-        metavar="URL[,URL...]",
-        default=os.environ.get("MESHLAYER_CONTROL"),
-        help="follow this control plane: register, watch, apply pushed config; several "
-        "URLs (control processes over one etcd store) are tried in turn when one fails "
-        "(default: $MESHLAYER_CONTROL, else none: static --config only)",
-    )
-    p.add_argument(
-        "--state-dir",
-        metavar="DIR",
-        help="where the last good pushed config is saved (default: ./.meshlayer/sidecar-SERVICE)",
-    )
-    p.add_argument(
-        "--token",
-        metavar="TOKEN",
-        help="join token from `meshlayer token create --service NAME`: the sidecar gets a "
-        "certificate for its service and speaks mTLS (default: $MESHLAYER_TOKEN, else "
-        "plaintext, which the control plane allows only with --allow-plaintext-sidecars)",
-    )
-    p.add_argument(
-        "--advertise",
-        metavar="HOST:PORT",
-        help="inbound address registered for peers to dial (default: --inbound, "
-        "with 127.0.0.1 for a wildcard host)",
-    )
-    p.add_argument(
-        "--lease-ttl",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="registration lease, renewed every third of it (default: %(default)s)",
-    )
-    p.add_argument(
-        "--reconnect-max",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="longest wait between control-plane reconnects (default: %(default)s)",
-    )
-    p.add_argument(
-        "--grace",
-        type=float,
-        default=20.0,
-        metavar="SECONDS",
-        help="on SIGTERM, time in-flight requests get to finish (default: %(default)s)",
-    )
-    p.add_argument(
-        "--header-timeout",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="a client must send a whole request head within this time (default: %(default)s)",
-    )
-    p.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="close client connections idle this long between requests (default: %(default)s)",
-    )
-    p.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="log level (default: %(default)s)",
-    )
-    p.add_argument(
-        "--access-log", action="store_true", help="log one line per request (costs speed)"
+        "--priority",
+        choices=["on", "off"],
+        default="on",
+        help="on: each priority class gets its own request queues, upstream connection pools "
+        "and socket marks (DSCP, SO_PRIORITY, TCP congestion control); off: FIFO, one queue "
+        "and one pool per service whose sockets carry the default class's marks, while the "
+        "x-meshlayer-priority header is still forwarded (default: %(default)s)",
     )
     p.set_defaults(func=_run_sidecar)
 
@@ -142,30 +83,72 @@ def _run_sidecar(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the demo mesh: services with sidecars, some traffic, a summary table",
+        help="run the demo shop behind the gateway under mixed load, with a live view",
         description=(
-            "Start a control plane (SQLite store under .meshlayer/demo/), apply the "
-            "demo's mesh config (.meshlayer/demo/mesh.yaml) through its API, then a small "
-            "microservice app (a frontend calling two backends, one of them in two "
-            "versions split by an HTTPRoute), each instance with its own sidecar following "
-            "the control plane; send traffic through the mesh, print a table and stay up "
-            "until Ctrl-C."
+            "Start a control plane (SQLite store under .meshlayer/demo/), apply the demo's "
+            "mesh config (.meshlayer/demo/mesh.yaml: services, priority classes, the "
+            "gateway's ClassificationRules) through its API, a private RabbitMQ, then a "
+            "shop of eight services, each with its own sidecar, behind `meshlayer "
+            "gateway`; send interactive shoppers (critical) mixed with a crawler and a "
+            "reorder job (batch) past the recommendations service's capacity, and show "
+            "each class's rate, success, p50/p99 and shed rate live, until Ctrl-C."
         ),
     )
     p.add_argument(
-        "--requests", type=int, default=2000, help="requests to send (default: %(default)s)"
+        "--duration",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="send load this long, then print the summary (default: until Ctrl-C)",
     )
     p.add_argument(
-        "--concurrency", type=int, default=16, help="parallel clients (default: %(default)s)"
+        "--exit",
+        action="store_true",
+        help="with --duration: stop after the summary (exit 1 if, with priority on, under "
+        "95%% of the critical requests succeeded) instead of staying up",
+    )
+    p.add_argument(
+        "--users", type=int, default=12, help="interactive shoppers (default: %(default)s)"
+    )
+    p.add_argument(
+        "--crawl-rate",
+        type=float,
+        default=120.0,
+        metavar="PER_SECOND",
+        help="the crawler's pages per second while on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--reorder-rate",
+        type=float,
+        default=15.0,
+        metavar="PER_SECOND",
+        help="the reorder job's orders per second while on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="refresh the live view this often (default: %(default)s)",
+    )
+    p.add_argument(
+        "--priority",
+        choices=["on", "off"],
+        default="on",
+        help="off: run the sidecars with --priority off (FIFO queues and pools) to see "
+        "the same load without prioritization (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-broker",
+        dest="broker",
+        action="store_false",
+        help="start no RabbitMQ (checkout then queues no emails)",
     )
     p.add_argument(
         "--port-base",
         type=int,
         default=18000,
         help="first port of the block the demo uses (default: %(default)s)",
-    )
-    p.add_argument(
-        "--exit", action="store_true", help="exit after printing the table instead of staying up"
     )
     p.set_defaults(func=_run_demo)
 
@@ -185,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"meshlayer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_sidecar(sub)
+    add_gateway_parser(sub)
     _add_demo(sub)
     add_control_parser(sub)
     add_resource_parsers(sub)

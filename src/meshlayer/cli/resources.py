@@ -180,7 +180,7 @@ def _add_get(sub: SubParsers) -> None:
     p.add_argument(
         "kind",
         help="service (svc) | httproute (route) | authorizationpolicy | mesh | "
-        "priorityclass (pc) | all",
+        "priorityclass (pc) | classificationrule | all",
     )
     p.add_argument("name", nargs="?", help="one resource by name")
     p.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
@@ -213,6 +213,10 @@ def _summary(doc: dict[str, Any]) -> str:
     if doc.get("kind") == "PriorityClass":
         cc = spec.get("congestionControl")
         return f"rank {spec.get('rank')}, dscp {spec.get('dscp', 0)}" + (f", {cc}" if cc else "")
+    if doc.get("kind") == "ClassificationRule":
+        match = spec.get("match") or {}
+        conds = ",".join(sorted(match)) or "every request"
+        return f"-> {spec.get('priorityClass')}, order {spec.get('order', 100)}; match {conds}"
     if doc.get("kind") == "Mesh":
         mtls = (spec.get("mtls") or {}).get("mode", "strict")
         authz = spec.get("authorization") or {}

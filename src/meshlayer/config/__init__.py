@@ -1,5 +1,6 @@
 """Typed config resources shared by both planes, and their validation."""
 
+from meshlayer.config.classification import ClassificationRule
 from meshlayer.config.errors import ConfigError
 from meshlayer.config.load import load_documents, load_file, parse_documents
 from meshlayer.config.model import (
@@ -26,6 +27,7 @@ __all__ = [
     "AuthorizationPolicy",
     "BackendRef",
     "CircuitBreaker",
+    "ClassificationRule",
     "ConfigError",
     "Endpoint",
     "HTTPRoute",

@@ -21,11 +21,20 @@ registry may supply it, and a policy for a service nobody runs is harmless.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 from meshlayer.config.errors import ConfigError
-from meshlayer.config.httproute import header_name, header_value
+from meshlayer.config.fields import (
+    SPIFFE_RE,
+    entries,
+    header_name,
+    header_value,
+    is_name,
+    normal_path,
+    service_names,
+    spiffe_ids,
+    strings,
+)
 from meshlayer.config.model import (
     AUTHZ_ACTIONS,
     AUTHZ_DEFAULTS,
@@ -39,23 +48,13 @@ from meshlayer.config.model import (
     PolicyRule,
     PolicySource,
 )
-from meshlayer.proxy.pathnorm import PathError, normalize_path
 
 if TYPE_CHECKING:
     from meshlayer.config.load import _Reader
 
 MESH_NAME = "default"
-MAX_PATH = 1024
 IDENTITY_HEADERS = ("x-meshlayer-peer-identity", "x-forwarded-client-cert")
 """Headers the mesh sets from the verified peer certificate; stripped from what clients send."""
-
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_PATH_CHARS_RE = re.compile(r"^/[\x21-\x7e]*$")
-# spiffe://<trust domain>/ns/<namespace>/sa/<service>; trust domain as SPIFFE allows.
-SPIFFE_RE = re.compile(
-    r"^spiffe://([a-z0-9._-]{1,255})/ns/([a-z0-9]([-a-z0-9]*[a-z0-9])?)"
-    r"/sa/([a-z0-9]([-a-z0-9.]*[a-z0-9])?)$"
-)
 
 
 def parse_authorization_policy(r: _Reader, name: str) -> AuthorizationPolicy:
@@ -66,7 +65,7 @@ def parse_authorization_policy(r: _Reader, name: str) -> AuthorizationPolicy:
     if kind != "Service":
         raise tr.error("kind", f"must be Service, got {kind!r}")
     target = tr.string("name", required=True)
-    if not _NAME_RE.match(target) or len(target) > 253:
+    if not is_name(target):
         raise tr.error("name", f"must be a service name (lowercase DNS name), got {target!r}")
     tr.finish()
     action = spec.string("action", required=True)
@@ -109,47 +108,15 @@ def service_of(identity: str) -> str | None:
 
 
 def _rule(r: _Reader) -> PolicyRule:
-    sources = tuple(_source(sr) for sr in _entries(r, "from"))
-    operations = tuple(_operation(orr) for orr in _entries(r, "to"))
+    sources = tuple(_source(sr) for sr in entries(r, "from"))
+    operations = tuple(_operation(orr) for orr in entries(r, "to"))
     r.finish()
     return PolicyRule(sources, operations)
 
 
-def _entries(r: _Reader, key: str) -> list[_Reader]:
-    """A ``from``/``to`` list: absent means any; present, it must not be empty."""
-    if r.has(key) and r.get(key) == []:
-        raise r.error(key, "must not be empty (leave it out to match any)")
-    return r.each(key)
-
-
-def _strings(r: _Reader, key: str) -> list[tuple[str, str]]:
-    """A list of non-empty strings, each with its field path for errors."""
-    raw = r.items(key)
-    out = []
-    for i, value in enumerate(raw):
-        if not isinstance(value, str) or not value:
-            raise r.error(f"{key}[{i}]", f"must be a non-empty string, got {value!r}")
-        out.append((f"{key}[{i}]", value))
-    if r.has(key) and not out:
-        raise r.error(key, "must not be empty (leave it out to match any)")
-    return out
-
-
 def _source(r: _Reader) -> PolicySource:
-    identities = []
-    for where, value in _strings(r, "identities"):
-        if not SPIFFE_RE.match(value):
-            raise r.error(
-                where,
-                "must be a SPIFFE ID spiffe://<trust-domain>/ns/<namespace>/sa/<service>, "
-                f"got {value!r}",
-            )
-        identities.append(value)
-    services = []
-    for where, value in _strings(r, "services"):
-        if not _NAME_RE.match(value) or len(value) > 253:
-            raise r.error(where, f"must be a service name (lowercase DNS name), got {value!r}")
-        services.append(value)
+    identities = spiffe_ids(r, "identities")
+    services = service_names(r, "services")
     r.finish()
     if not identities and not services:
         raise _whole(r, "must name identities or services")
@@ -158,7 +125,7 @@ def _source(r: _Reader) -> PolicySource:
 
 def _operation(r: _Reader) -> PolicyOperation:
     methods = []
-    for where, value in _strings(r, "methods"):
+    for where, value in strings(r, "methods"):
         if value not in ROUTE_METHODS:
             raise r.error(where, f"must be one of {', '.join(ROUTE_METHODS)}, got {value!r}")
         methods.append(value)
@@ -191,21 +158,7 @@ def _path(r: _Reader) -> PolicyPath:
         r.finish()
         raise _whole(r, "must have exactly one of exact or prefix")
     kind = kinds[0]
-    value = r.string(kind, required=True)
-    if not value.startswith("/"):
-        raise r.error(kind, f"must start with '/', got {value!r}")
-    if len(value) > MAX_PATH or not _PATH_CHARS_RE.match(value):
-        raise r.error(
-            kind, f"must be printable ASCII without spaces, at most {MAX_PATH}, got {value!r}"
-        )
-    if "?" in value or "#" in value:
-        raise r.error(kind, f"must be a path without query or fragment, got {value!r}")
-    try:
-        normal = normalize_path(value)
-    except PathError as exc:
-        raise r.error(kind, f"{exc} (requests with it are refused), got {value!r}") from None
-    if normal != value:
-        raise r.error(kind, f"must be in normal form {normal!r} (requests are normalised first)")
+    value = normal_path(r, kind, r.string(kind, required=True))
     r.finish()
     return PolicyPath(value, kind == "prefix")
 

@@ -21,6 +21,7 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from meshlayer.config.errors import ConfigError
+from meshlayer.config.fields import header_name, header_value, is_name
 from meshlayer.config.model import (
     PATH_MATCH_TYPES,
     ROUTE_METHODS,
@@ -38,30 +39,6 @@ if TYPE_CHECKING:
 
 MAX_WEIGHT = 1_000_000
 MAX_PATH = 1024
-# Service names, as load.py checks metadata.name.
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
-_FIELD_VALUE_RE = re.compile(r"^[\x20-\x7e\t]{0,4096}$")
-
-
-def header_name(r: _Reader) -> str:
-    """``name`` of a header match (HTTPRoute and AuthorizationPolicy), as written."""
-    name = r.string("name", required=True)
-    if not _TOKEN_RE.match(name):
-        raise r.error("name", f"must be an HTTP header name, got {name!r}")
-    return name
-
-
-def header_value(r: _Reader) -> str:
-    """``value`` of a header match: a valid field value without edge whitespace."""
-    value = r.get("value")
-    if not isinstance(value, str) or not _FIELD_VALUE_RE.match(value):
-        raise r.error("value", f"must be a string valid as a header value, got {value!r}")
-    if value != value.strip(" \t"):
-        raise r.error("value", f"must not start or end with whitespace, got {value!r}")
-    return value
-
-
 _PATH_CHARS_RE = re.compile(r"^/[\x21-\x7e]*$")
 # Path spellings the Gateway API refuses: they are ambiguous after normalisation.
 _BAD_PATH_PARTS = ("//", "/./", "/../", "%2f", "%2F", "#", "?")
@@ -106,7 +83,7 @@ def _service_kind(r: _Reader) -> None:
 
 def _ref_name(r: _Reader) -> str:
     ref = r.string("name", required=True)
-    if not _NAME_RE.match(ref) or len(ref) > 253:
+    if not is_name(ref):
         raise r.error("name", f"must be a service name (lowercase DNS name), got {ref!r}")
     return ref
 

@@ -18,11 +18,19 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from meshlayer.config.admission import parse_admission
 from meshlayer.config.authz import parse_authorization_policy, parse_mesh
+from meshlayer.config.classification import (
+    ClassificationRule,
+    check_rule_refs,
+    parse_classification_rule,
+)
 from meshlayer.config.errors import ConfigError
+from meshlayer.config.fields import is_name
 from meshlayer.config.httproute import check_refs, parse_http_route
 from meshlayer.config.model import (
     LB_POLICIES,
+    Admission,
     AuthorizationPolicy,
     CircuitBreaker,
     Endpoint,
@@ -39,9 +47,15 @@ from meshlayer.config.model import (
 from meshlayer.config.priority import merge_defaults, parse_priority_class
 
 API_VERSION = "meshlayer/v1"
-KINDS = ("Service", "HTTPRoute", "PriorityClass", "AuthorizationPolicy", "Mesh")
+KINDS = (
+    "Service",
+    "HTTPRoute",
+    "PriorityClass",
+    "AuthorizationPolicy",
+    "Mesh",
+    "ClassificationRule",
+)
 
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -224,8 +238,23 @@ def _service(r: _Reader, name: str) -> Service:
     )
     od.finish()
     health = _health_check(spec) if spec.has("healthCheck") else None
+    priority_class = spec.string("priorityClass", "default")
+    inbound = parse_admission(spec, "inbound", Admission())
+    outbound = parse_admission(spec, "outbound", Admission("unlimited"))
     spec.finish()
-    return Service(name, tuple(endpoints), policy, timeouts, retries, breaker, outlier, health)
+    return Service(
+        name,
+        tuple(endpoints),
+        policy,
+        timeouts,
+        retries,
+        breaker,
+        outlier,
+        health,
+        priority_class=priority_class,
+        inbound=inbound,
+        outbound=outbound,
+    )
 
 
 def _health_check(spec: _Reader) -> HealthCheck:
@@ -257,14 +286,17 @@ class Resources(NamedTuple):
     """``kind: AuthorizationPolicy`` documents."""
     mesh: MeshSettings
     """The ``kind: Mesh`` document's settings (defaults when there is none)."""
+    classification_rules: list[ClassificationRule]
+    """``kind: ClassificationRule`` documents (the gateway's)."""
 
 
 def parse_documents(docs: Iterable[object], source: str, *, strict_refs: bool = True) -> Resources:
     """Validate already-parsed YAML documents. Raises ConfigError.
 
     ``strict_refs``: an HTTPRoute's parentRefs and backendRefs must name a
-    Service among ``docs`` (a static file); off for control-plane documents,
-    whose registry may supply the services later.
+    Service among ``docs`` (a static file), and a Service's priorityClass a
+    PriorityClass; off for control-plane documents, whose store may supply
+    them apart (a sidecar then uses ``default`` for an unknown class).
     """
     services: list[Service] = []
     routes: list[HTTPRoute] = []
@@ -272,6 +304,9 @@ def parse_documents(docs: Iterable[object], source: str, *, strict_refs: bool = 
     policies: list[AuthorizationPolicy] = []
     mesh = MeshSettings()
     route_docs: list[str] = []
+    rules: list[ClassificationRule] = []
+    rule_docs: list[str] = []
+    service_docs: list[str] = []
     names: set[tuple[str, str]] = set()
     for index, raw in enumerate(docs, 1):
         if raw is None:  # an empty document between two `---`
@@ -286,7 +321,7 @@ def parse_documents(docs: Iterable[object], source: str, *, strict_refs: bool = 
             raise r.error("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
         meta = r.child("metadata", required=True)
         name = meta.string("name", required=True)
-        if not _NAME_RE.match(name) or len(name) > 253:
+        if not is_name(name):
             raise meta.error(
                 "name", f"must be a DNS name (lowercase, digits, '-', '.'), got {name!r}"
             )
@@ -313,14 +348,29 @@ def parse_documents(docs: Iterable[object], source: str, *, strict_refs: bool = 
             policies.append(parse_authorization_policy(r, name))
         elif kind == "Mesh":
             mesh = parse_mesh(r, name)
+        elif kind == "ClassificationRule":
+            rules.append(parse_classification_rule(r, name))
+            rule_docs.append(r.doc)
         else:
             services.append(_service(r, name))
+            service_docs.append(r.doc)
         r.finish()
-    if strict_refs:
+    if strict_refs:  # a control plane's store may hold the class, applied apart
+        known = merge_defaults(priority_classes)
+        for svc, doc in zip(services, service_docs, strict=True):
+            if svc.priority_class not in known:
+                raise ConfigError(
+                    doc,
+                    "spec.priorityClass",
+                    f"names no PriorityClass: {svc.priority_class!r} "
+                    f"(known: {', '.join(sorted(known))})",
+                )
         defined = {s.name for s in services}
         for route, doc in zip(routes, route_docs, strict=True):
             check_refs(route, defined, doc)
-    return Resources(services, routes, priority_classes, policies, mesh)
+        for rule, doc in zip(rules, rule_docs, strict=True):
+            check_rule_refs(rule, known, defined, doc)
+    return Resources(services, routes, priority_classes, policies, mesh, rules)
 
 
 def load_documents(text: str, source: str, *, strict_refs: bool = True) -> MeshConfig:
@@ -334,7 +384,7 @@ def load_documents(text: str, source: str, *, strict_refs: bool = True) -> MeshC
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(source, "", f"not valid YAML{where}: {exc}") from None
-    services, routes, classes, policies, mesh = parse_documents(
+    services, routes, classes, policies, mesh, rules = parse_documents(
         docs, source, strict_refs=strict_refs
     )
     version = hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -346,6 +396,7 @@ def load_documents(text: str, source: str, *, strict_refs: bool = True) -> MeshC
         priority_classes=merge_defaults(classes),
         policies=tuple(policies),
         mesh=mesh,
+        classification_rules=tuple(rules),
     )
 
 

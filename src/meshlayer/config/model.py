@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meshlayer.config.classification import ClassificationRule
+from meshlayer.config.fields import ROUTE_METHODS as _ROUTE_METHODS
+
 LB_POLICIES = ("round-robin", "least-request", "p2c-ewma")
 
 
@@ -62,9 +65,9 @@ class CircuitBreaker:
     """Per-service limits; excess gets an immediate 503."""
 
     max_connections: int = 1024
-    """Upstream connections open to all of the service's endpoints."""
+    """Upstream connections open to all of the service's endpoints, per priority class pool."""
     max_pending: int = 1024
-    """Requests waiting for an upstream connection."""
+    """Requests waiting for an upstream connection, per priority class pool."""
     max_requests: int = 1024
     """Requests in flight to the service."""
 
@@ -99,6 +102,37 @@ class HealthCheck:
     """Consecutive passes that put it back."""
 
 
+ADMISSION_MODES = ("adaptive", "unlimited")
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """``spec.inbound`` / ``spec.outbound``: how many requests go to the destination at once.
+
+    Above the limit requests wait in one queue per priority class (see
+    :mod:`meshlayer.proxy.admission`).
+    """
+
+    concurrency: str | int = "adaptive"
+    """``adaptive`` (learned from latency), ``unlimited``, or a fixed limit (an integer >= 1)."""
+    initial_limit: int = 20
+    """Adaptive: the limit before any latency has been measured."""
+    min_limit: int = 2
+    """Adaptive: the limit never goes below this (and probes the no-load latency at it)."""
+    max_limit: int = 1000
+    """Adaptive: the limit never goes above this."""
+    tolerance: float = 1.5
+    """Adaptive: latency up to this multiple of the no-load minimum is not congestion."""
+    sample_window: float = 0.1
+    """Adaptive: seconds of latency samples averaged per limit update (at least 5 samples)."""
+    probe_interval: float = 60.0
+    """Adaptive: seconds between re-measurements of the no-load latency (jittered)."""
+
+
+def _outbound_admission() -> Admission:
+    return Admission("unlimited")
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
     """``kind: Service``: a named set of endpoints and how to reach them."""
@@ -119,9 +153,15 @@ class Service:
     """Passive ejection of failing endpoints."""
     health_check: HealthCheck | None = None
     """Active health checks by the control plane; None: endpoints are not checked."""
+    priority_class: str = "default"
+    """``spec.priorityClass``: the class of requests to this service that carry none."""
+    inbound: Admission = field(default_factory=Admission)
+    """``spec.inbound``: admission to the local app at its sidecar (default adaptive)."""
+    outbound: Admission = field(default_factory=_outbound_admission)
+    """``spec.outbound``: admission to this service at each caller's sidecar (default unlimited)."""
 
 
-ROUTE_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+ROUTE_METHODS = _ROUTE_METHODS
 PATH_MATCH_TYPES = ("PathPrefix", "Exact")
 
 
@@ -330,6 +370,8 @@ class MeshConfig:
     """Mesh-wide settings (``kind: Mesh``; defaults when there is none)."""
     priority_classes: dict[str, PriorityClass] = field(default_factory=_default_priority_classes)
     """PriorityClasses by name: the shipped ones, each replaced by a document of its name."""
+    classification_rules: tuple[ClassificationRule, ...] = ()
+    """ClassificationRules (the gateway's), in document order."""
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-able view, as served on the admin ``/config`` page."""
@@ -376,6 +418,8 @@ class MeshConfig:
                         "maxEjectionTime": svc.outlier_detection.max_ejection,
                         "maxEjectionPercent": svc.outlier_detection.max_ejected_percent,
                     },
+                    "inbound": _admission_dict(svc.inbound),
+                    "outbound": _admission_dict(svc.outbound),
                 }
                 for name, svc in sorted(self.services.items())
             },
@@ -389,6 +433,20 @@ class MeshConfig:
                 },
             },
         }
+
+
+def _admission_dict(a: Admission) -> dict[str, object]:
+    if a.concurrency != "adaptive":
+        return {"concurrency": a.concurrency}
+    return {
+        "concurrency": a.concurrency,
+        "initialLimit": a.initial_limit,
+        "minLimit": a.min_limit,
+        "maxLimit": a.max_limit,
+        "tolerance": a.tolerance,
+        "sampleWindow": a.sample_window,
+        "probeInterval": a.probe_interval,
+    }
 
 
 def _route_dict(route: HTTPRoute) -> dict[str, object]:

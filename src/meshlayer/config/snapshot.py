@@ -23,17 +23,15 @@ last good config on error.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 from meshlayer.config.errors import ConfigError
+from meshlayer.config.fields import is_name
 from meshlayer.config.load import parse_address, parse_documents
 from meshlayer.config.model import Endpoint, MeshConfig, Service
 from meshlayer.config.priority import merge_defaults
-
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 def snapshot_version(data: object) -> int:
@@ -53,7 +51,7 @@ def registered_endpoints(data: Mapping[str, Any], doc: str) -> dict[str, tuple[E
         raise ConfigError(doc, "endpoints", "must be a mapping of service name to endpoints")
     out: dict[str, tuple[Endpoint, ...]] = {}
     for name, entries in raw.items():
-        if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > 253:
+        if not is_name(name):
             raise ConfigError(doc, "endpoints", f"service name {name!r} is not a DNS name")
         if not isinstance(entries, list):
             raise ConfigError(doc, f"endpoints.{name}", "must be a list")
@@ -108,7 +106,9 @@ def config_from_snapshot(data: object, source: str) -> MeshConfig:
     resources = data.get("resources", [])
     if not isinstance(resources, list):
         raise ConfigError(doc, "resources", "must be a list of documents")
-    services, routes, classes, policies, mesh = parse_documents(resources, doc, strict_refs=False)
+    services, routes, classes, policies, mesh, rules = parse_documents(
+        resources, doc, strict_refs=False
+    )
     merged: dict[str, Service] = {s.name: s for s in services}
     for name, eps in registered_endpoints(data, doc).items():
         svc = merged.get(name)
@@ -121,6 +121,7 @@ def config_from_snapshot(data: object, source: str) -> MeshConfig:
         priority_classes=merge_defaults(classes),
         policies=tuple(policies),
         mesh=mesh,
+        classification_rules=tuple(rules),
     )
 
 

@@ -1,13 +1,29 @@
-"""What the demo measures: the sidecars' metrics, and a load generator's own view.
+"""The demo's traffic: interactive shoppers and batch workloads, mixed, through the gateway.
 
-:class:`RouteStats` sums the inbound requests a sidecar's ``/metrics`` counted
-for its service (status classes and the latency histogram), so the demo can
-take the difference of two scrapes around its load. Requests without a
-meshed caller (``source="unknown"``: the control plane's health probes, a
-curl straight at an inbound port) are left out: the table counts the mesh's
-own traffic. :class:`LoadGenerator` sends GETs of the frontend through the
-edge sidecar from a few keep-alive clients and records what it saw end to
-end, including which catalog replica served each answer.
+Three workloads, each a few threads of keep-alive ``http.client`` connections
+to the gateway's entry port (``Host: frontend``):
+
+- **shoppers** (closed loop): ``--users`` people who look at the home page and
+  products and sometimes check out, with a think time between clicks. A
+  browser's user agent; the gateway's rule ``shoppers`` makes them ``critical``.
+- **crawler** (open loop, Poisson arrivals at ``--crawl-rate`` per second):
+  fetches product pages as fast as it is told, user agent ``shopbot``; the
+  gateway's rule ``crawlers`` makes it ``batch``. Each page costs the
+  recommendations service an answer, so it pushes it past its capacity.
+- **reorders** (open loop, ``--reorder-rate`` per second): a back-office job
+  placing bulk reorders through checkout (user agent ``reorder-job``, rule
+  ``batch-jobs``: ``batch``); each order queues an email, like a shopper's.
+
+The batch workloads come and go (:class:`Schedule`): calm at first, then on
+and off in cycles, so the view shows the mesh before, during and after
+overload. An open loop sends on its schedule whatever the answers (that is
+what overload is); when all its threads are busy, an arrival is dropped and
+counted, so the generator itself stays bounded.
+
+Every answer is recorded under the class the load generator *expects* the
+gateway to assign (:data:`WORKLOADS`), with the class the frontend says it
+served the request in (``x-shop-priority``): the two agree when
+classification and propagation work.
 """
 
 from __future__ import annotations
@@ -15,212 +31,359 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import re
+import queue
+import random
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from meshlayer.demo.services import ITEMS, PRIORITY_ECHO
+
 HOST = "127.0.0.1"
+WINDOW = 5.0
+"""Seconds of recent answers the live view's percentiles are computed over."""
 
-# -- metrics --------------------------------------------------------------------
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def parse_metrics(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
-    """The samples of a Prometheus text exposition: (name, labels, value)."""
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if m is None:
-            continue
-        try:
-            value = float(m.group(3))
-        except ValueError:
-            continue
-        yield m.group(1), dict(_LABEL.findall(m.group(2) or "")), value
+WORKLOADS = {"shoppers": "critical", "crawler": "batch", "reorders": "batch"}
+"""Workload → the class the gateway's rules give it."""
+CLASSES = ("critical", "batch")
+"""The classes the demo's load uses, most important first."""
+USER_AGENTS = {
+    "shoppers": "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+    "crawler": "shopbot/2.1 (+crawler; price comparison)",
+    "reorders": "reorder-job/1.0",
+}
 
 
-@dataclass
-class RouteStats:
-    """Requests one or more sidecars took in for a service: status classes and a histogram."""
+@dataclass(frozen=True)
+class Schedule:
+    """When the batch workloads run: off for ``calm`` seconds, then ``on``/``off`` cycles."""
 
-    statuses: Counter[str] = field(default_factory=Counter)
-    buckets: dict[float, float] = field(default_factory=dict)
-    """Cumulative counts by upper bound (``le``), +Inf included."""
+    calm: float = 5.0
+    on: float = 20.0
+    off: float = 10.0
+
+    def batch_on(self, t: float) -> bool:
+        if t < self.calm:
+            return False
+        if self.off <= 0:
+            return True
+        return (t - self.calm) % (self.on + self.off) < self.on
 
     @classmethod
-    def from_metrics(cls, text: str, service: str) -> RouteStats:
-        """The inbound requests to ``service`` in one sidecar's /metrics from meshed
-        callers, all of them summed (``source="unknown"``, e.g. health probes, left out)."""
-        st = cls()
-        for name, labels, value in parse_metrics(text):
-            if labels.get("direction") != "inbound" or labels.get("destination") != service:
-                continue
-            if labels.get("source", "unknown") == "unknown":
-                continue
-            if name == "meshlayer_requests_total":
-                st.statuses[labels.get("status_class", "?")] += int(value)
-            elif name == "meshlayer_request_duration_seconds_bucket" and "le" in labels:
-                le = float(labels["le"])  # "+Inf" parses as inf
-                st.buckets[le] = st.buckets.get(le, 0.0) + value
-        return st
-
-    def __add__(self, other: RouteStats) -> RouteStats:
-        buckets = dict(self.buckets)
-        for le, n in other.buckets.items():
-            buckets[le] = buckets.get(le, 0.0) + n
-        return RouteStats(self.statuses + other.statuses, buckets)
-
-    def __sub__(self, other: RouteStats) -> RouteStats:
-        statuses: Counter[str] = Counter()
-        for k, v in self.statuses.items():
-            statuses[k] = v - other.statuses.get(k, 0)
-        buckets = {le: n - other.buckets.get(le, 0.0) for le, n in self.buckets.items()}
-        return RouteStats(statuses, buckets)
-
-    @property
-    def total(self) -> int:
-        return sum(self.statuses.values())
-
-    @property
-    def ok(self) -> int:
-        return self.total - self.statuses.get("5xx", 0)
-
-    def quantile(self, q: float) -> float | None:
-        """Seconds, interpolated within the bucket as Prometheus' ``histogram_quantile``."""
-        bounds = sorted(self.buckets)
-        if not bounds or self.buckets[bounds[-1]] <= 0:
-            return None
-        rank = q * self.buckets[bounds[-1]]
-        lower, below = 0.0, 0.0
-        for le in bounds:
-            count = self.buckets[le]
-            if count >= rank:
-                if math.isinf(le):
-                    return lower  # beyond the last finite bound: the best we can say
-                if count == below:
-                    return le
-                return lower + (le - lower) * (rank - below) / (count - below)
-            lower, below = le, count
-        return lower
-
-
-# -- load -----------------------------------------------------------------------
+    def for_duration(cls, duration: float) -> Schedule:
+        """A short run (the test's): a brief calm, then batch on to the end."""
+        if duration <= 0 or duration >= 60:
+            return cls()
+        return cls(calm=min(5.0, duration * 0.2), on=duration, off=0.0)
 
 
 @dataclass
-class LoadResult:
-    """What the load generator saw, end to end through the edge."""
+class Sample:
+    at: float
+    latency: float
+    status: int
+    """HTTP status; 0 for a connection error."""
+    shed: bool
+    """503 with ``Retry-After``: shed by the mesh somewhere on the way."""
 
-    latencies: list[float] = field(default_factory=list)
-    statuses: Counter[int] = field(default_factory=Counter)
+
+@dataclass
+class ClassStats:
+    """Answers of one class: totals since the start and the recent samples."""
+
+    total: int = 0
+    ok: int = 0
+    shed: int = 0
     errors: Counter[str] = field(default_factory=Counter)
-    catalog_replicas: Counter[str] = field(default_factory=Counter)
-    elapsed: float = 0.0
+    statuses: Counter[int] = field(default_factory=Counter)
+    seen: Counter[str] = field(default_factory=Counter)
+    """The class the frontend says it served these requests in."""
+    latencies: list[float] = field(default_factory=list)
+    """Latencies of the successful answers, since the start."""
+    recent: deque[Sample] = field(default_factory=deque)
 
-    @property
-    def total(self) -> int:
-        return sum(self.statuses.values()) + sum(self.errors.values())
+    def add(self, s: Sample, seen: str | None, error: str | None) -> None:
+        self.total += 1
+        if error is not None:
+            self.errors[error] += 1
+        else:
+            self.statuses[s.status] += 1
+        if 0 < s.status < 500:
+            self.ok += 1
+            self.latencies.append(s.latency)
+        if s.shed:
+            self.shed += 1
+        if seen is not None:
+            self.seen[seen] += 1
+        self.recent.append(s)
 
-    @property
-    def ok(self) -> int:
-        return sum(n for status, n in self.statuses.items() if status < 500)
+    def trim(self, now: float) -> None:
+        while self.recent and self.recent[0].at < now - WINDOW:
+            self.recent.popleft()
 
-    def merge(self, other: LoadResult) -> None:
-        self.latencies.extend(other.latencies)
-        self.statuses.update(other.statuses)
-        self.errors.update(other.errors)
-        self.catalog_replicas.update(other.catalog_replicas)
 
-    def quantile(self, q: float) -> float | None:
-        if not self.latencies:
-            return None
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+def quantile(values: list[float], q: float) -> float | None:
+    """Nearest-rank quantile of ``values`` (None when empty)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+@dataclass(frozen=True)
+class Window:
+    """One class over the last seconds, as the live view shows it."""
+
+    rate: float
+    success: float | None
+    p50: float | None
+    p99: float | None
+    shed_rate: float
+
+
+class Recorder:
+    """Thread-safe per-class statistics of everything the workloads saw."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self.classes = {c: ClassStats() for c in CLASSES}
+        self.dropped: Counter[str] = Counter()
+        """Arrivals an open loop could not send (all its threads busy), by workload."""
+        self.sent: Counter[str] = Counter()
+
+    def add(
+        self,
+        workload: str,
+        latency: float,
+        status: int,
+        shed: bool,
+        seen: str | None,
+        error: str | None,
+    ) -> None:
+        now = time.monotonic()
+        s = Sample(now, latency, status, shed)
+        with self._lock:
+            self.sent[workload] += 1
+            st = self.classes[WORKLOADS[workload]]
+            st.add(s, seen, error)
+            st.trim(now)
+
+    def drop(self, workload: str) -> None:
+        with self._lock:
+            self.dropped[workload] += 1
+
+    def window(self, cls: str) -> Window:
+        now = time.monotonic()
+        with self._lock:
+            st = self.classes[cls]
+            st.trim(now)
+            recent = list(st.recent)
+        span = min(WINDOW, max(now - self.started, 1e-3))
+        ok = [s.latency for s in recent if 0 < s.status < 500]
+        return Window(
+            rate=len(recent) / span,
+            success=len(ok) / len(recent) if recent else None,
+            p50=quantile(ok, 0.5),
+            p99=quantile(ok, 0.99),
+            shed_rate=sum(1 for s in recent if s.shed) / span,
+        )
+
+    def snapshot(self) -> dict[str, ClassStats]:
+        """A copy of the totals (the recent samples left out)."""
+        with self._lock:
+            return {
+                c: ClassStats(
+                    st.total,
+                    st.ok,
+                    st.shed,
+                    Counter(st.errors),
+                    Counter(st.statuses),
+                    Counter(st.seen),
+                    list(st.latencies),
+                )
+                for c, st in self.classes.items()
+            }
+
+
+class Client:
+    """One keep-alive connection to the gateway, reopened after an error or a close."""
+
+    def __init__(self, port: int, workload: str, rec: Recorder) -> None:
+        self.port = port
+        self.workload = workload
+        self.rec = rec
+        self.user = f"{workload}-{random.getrandbits(24):06x}"
+        self.headers = {
+            "Host": "frontend",
+            "User-Agent": USER_AGENTS[workload],
+            "x-user": self.user,
+        }
+        self.conn: http.client.HTTPConnection | None = None
+
+    def send(self, method: str, path: str, body: object = None) -> None:
+        headers = dict(self.headers)
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(HOST, self.port, timeout=15)
+        started = time.perf_counter()
+        try:
+            self.conn.request(method, path, body=data, headers=headers)
+            resp = self.conn.getresponse()
+            resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            self.rec.add(
+                self.workload, time.perf_counter() - started, 0, False, None, type(e).__name__
+            )
+            return
+        latency = time.perf_counter() - started
+        shed = resp.status == 503 and resp.getheader("retry-after") is not None
+        seen = resp.getheader(PRIORITY_ECHO)
+        self.rec.add(self.workload, latency, resp.status, shed, seen, None)
+        if resp.will_close:
+            self.close()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def _product() -> str:
+    return f"/product/{random.choice(ITEMS)['id']}"
+
+
+def shopper_click(c: Client) -> None:
+    r = random.random()
+    if r < 0.55:
+        c.send("GET", "/")
+    elif r < 0.90:
+        c.send("GET", _product())
+    else:
+        picks = random.sample([i["id"] for i in ITEMS], 2)
+        c.send("POST", "/checkout", {"items": picks})
+
+
+def crawler_fetch(c: Client) -> None:
+    c.send("GET", _product() if random.random() < 0.8 else "/")
+
+
+def reorder(c: Client) -> None:
+    c.send("POST", "/checkout", {"items": random.sample([i["id"] for i in ITEMS], 3)})
+
+
+@dataclass
+class LoadPlan:
+    """How much of each workload to send."""
+
+    users: int = 12
+    think: float = 0.25
+    """Mean seconds a shopper waits between clicks (exponential)."""
+    crawl_rate: float = 120.0
+    reorder_rate: float = 15.0
+    crawl_threads: int = 24
+    reorder_threads: int = 6
+    schedule: Schedule = field(default_factory=Schedule)
 
 
 class LoadGenerator:
-    """``total`` GETs of the frontend through the edge, ``concurrency`` keep-alive clients."""
+    """The three workloads, started together; :meth:`stop` ends them within a request."""
 
-    def __init__(self, port: int, total: int, concurrency: int) -> None:
+    def __init__(self, port: int, plan: LoadPlan, duration: float | None) -> None:
         self.port = port
-        self.total = total
-        self.concurrency = max(1, min(concurrency, total))
-        self.result = LoadResult()
-        self.done = 0
-        self._issued = 0
-        self._lock = threading.Lock()
+        self.plan = plan
+        self.duration = duration
+        self.rec = Recorder()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.rec.started
+
+    def batch_on(self) -> bool:
+        return self.plan.schedule.batch_on(self.elapsed)
+
+    def done(self) -> bool:
+        return self._stop.is_set() or (self.duration is not None and self.elapsed >= self.duration)
+
     def start(self) -> None:
-        self._started = time.perf_counter()
-        for n in range(self.concurrency):
-            t = threading.Thread(target=self._worker, name=f"load-{n}", daemon=True)
-            self._threads.append(t)
-            t.start()
+        self.rec.started = time.monotonic()
+        for n in range(self.plan.users):
+            self._spawn(f"shopper-{n}", self._shopper)
+        self._open_loop("crawler", self.plan.crawl_rate, self.plan.crawl_threads, crawler_fetch)
+        self._open_loop("reorders", self.plan.reorder_rate, self.plan.reorder_threads, reorder)
 
     def stop(self) -> None:
         self._stop.set()
 
-    def wait(self, tick: Callable[[int], None], interval: float = 0.2) -> LoadResult:
-        """Wait for the workers, calling ``tick(done)`` every ``interval`` seconds."""
-        while any(t.is_alive() for t in self._threads):
-            time.sleep(interval)
-            tick(self.done)
+    def join(self, timeout: float = 20.0) -> None:
+        self._stop.set()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join()
-        self.result.elapsed = time.perf_counter() - self._started
-        return self.result
+            t.join(max(0.0, deadline - time.monotonic()))
 
-    def _next(self) -> bool:
-        with self._lock:
-            if self._stop.is_set() or self._issued >= self.total:
-                return False
-            self._issued += 1
-            return True
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
 
-    def _worker(self) -> None:
-        mine = LoadResult()
-        conn: http.client.HTTPConnection | None = None
+    def _shopper(self) -> None:
+        c = Client(self.port, "shoppers", self.rec)
         try:
-            while self._next():
-                if conn is None:
-                    conn = http.client.HTTPConnection(HOST, self.port, timeout=30)
-                started = time.perf_counter()
-                try:
-                    conn.request("GET", "/", headers={"Host": "frontend"})
-                    resp = conn.getresponse()
-                    body = resp.read()
-                except (OSError, http.client.HTTPException) as e:
-                    mine.errors[type(e).__name__] += 1
-                    conn.close()
-                    conn = None
-                else:
-                    mine.latencies.append(time.perf_counter() - started)
-                    mine.statuses[resp.status] += 1
-                    if resp.status == 200:
-                        mine.catalog_replicas[_catalog_replica(body)] += 1
-                    if resp.will_close:
-                        conn.close()
-                        conn = None
-                with self._lock:
-                    self.done += 1
+            while not self.done():
+                shopper_click(c)
+                self._stop.wait(random.expovariate(1.0 / self.plan.think))
         finally:
-            if conn is not None:
-                conn.close()
-            with self._lock:
-                self.result.merge(mine)
+            c.close()
 
+    def _open_loop(
+        self, workload: str, rate: float, threads: int, act: Callable[[Client], None]
+    ) -> None:
+        if rate <= 0 or threads <= 0:
+            return
+        tickets: queue.Queue[bool] = queue.Queue(maxsize=threads)
 
-def _catalog_replica(body: bytes) -> str:
-    try:
-        served = json.loads(body)["served_by"]["catalog"]
-    except (ValueError, KeyError, TypeError):
-        return "?"
-    return str(served)
+        def pacer() -> None:
+            next_at = time.monotonic()
+            while not self.done():
+                next_at += random.expovariate(rate)
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    self._stop.wait(delay)
+                else:
+                    next_at = time.monotonic()  # fell behind: no catch-up burst
+                if not self.batch_on() or self.done():
+                    continue
+                try:
+                    tickets.put_nowait(True)
+                except queue.Full:
+                    self.rec.drop(workload)
+            for _ in range(threads):  # wake every worker so it sees the end
+                try:
+                    tickets.put(False, timeout=1.0)
+                except queue.Full:
+                    break
+
+        def worker() -> None:
+            c = Client(self.port, workload, self.rec)
+            try:
+                while not self.done():
+                    try:
+                        if not tickets.get(timeout=0.5):
+                            break
+                    except queue.Empty:
+                        continue
+                    act(c)
+            finally:
+                c.close()
+
+        self._spawn(f"{workload}-pacer", pacer)
+        for n in range(threads):
+            self._spawn(f"{workload}-{n}", worker)

@@ -9,11 +9,15 @@ config in one versioned snapshot.
 
 What the config shows off:
 
-* ``catalog`` is the name the frontend calls; the HTTPRoute ``catalog-split``
-  sends its ``/items`` requests to two versions by weight (smooth weighted
-  round-robin, exact over each cycle of the total weight), and every request
-  carrying ``x-canary: 1`` to ``catalog-v2``.
-* ``catalog-v1`` has two replicas behind the p2c-ewma balancer.
+* The priority classes (``critical``, ``default``, ``batch``: the shipped
+  ones, written out so they can be changed) and the gateway's
+  ClassificationRules: a crawler's or a back-office job's user agent makes a
+  request ``batch``; a shopper's pages (``/``, ``/product/...``,
+  ``/checkout``) are ``critical``; anything else gets the frontend's default.
+  A class a client sends itself is ignored at the gateway.
+* ``recommendations`` admits :data:`RECS_LIMIT` requests at once to its app
+  (``spec.inbound.concurrency``): past that its sidecar queues by class and
+  sheds ``batch`` first when the queue's delay passes the class's target.
 * The backends ask the control plane for active health checks, so a killed
   app leaves rotation mesh-wide within seconds.
 
@@ -35,80 +39,112 @@ from typing import Any
 from meshlayer.cli.client import ControlAPI
 from meshlayer.cli.resources import read_documents
 
-ROUTE = "catalog-split"
-"""The HTTPRoute that splits ``catalog``'s traffic between its versions."""
-CANARY_HEADER = "x-canary"
-SPLIT: tuple[tuple[str, int], ...] = (("catalog-v1", 80), ("catalog-v2", 20))
-"""``/items`` of ``catalog``: backend Service and weight."""
+RECS_LIMIT = 2
+"""Requests the recommendations sidecar admits to its app at once (the app's workers)."""
+RULES = ("crawlers", "batch-jobs", "shoppers")
+"""The gateway's ClassificationRules, in the order they are tried."""
 
 _HEALTH = "healthCheck: {path: /healthz, interval: 2s, timeout: 1s, unhealthyThreshold: 2}"
 
 
+def _service(name: str, comment: str, extra: str = "") -> str:
+    return f"""\
+---
+apiVersion: meshlayer/v1
+kind: Service
+metadata: {{name: {name}}}    # {comment}
+spec:
+  timeouts: {{connect: 1s, request: 10s}}
+  retries: {{attempts: 2, onStatus: [502]}}   # a 503 is overload: retrying it adds load
+  {_HEALTH}{extra}
+"""
+
+
 def render_mesh(control_url: str, path: str) -> str:
     """The mesh config as YAML documents, with a header saying how to change it live."""
-    backends = "\n".join(f"    - {{name: {name}, weight: {weight}}}" for name, weight in SPLIT)
     token_file = str(Path(path).with_name("admin-token"))
+    recs = f"\n  inbound: {{concurrency: {RECS_LIMIT}}}   # its app has {RECS_LIMIT} workers"
+    # An aggregator's latency is its backends': an adaptive limit on it would read their
+    # queueing as its own overload and hold critical pages behind batch ones waiting
+    # downstream. Admission belongs where the capacity is (recommendations).
+    aggregator = "\n  inbound: {concurrency: unlimited}   # it waits on its backends"
+    services = "".join(
+        [
+            _service("frontend", "the shop's pages", "\n  priorityClass: default" + aggregator),
+            _service("catalog", "the items"),
+            _service("cart", "each user's cart"),
+            _service(
+                "recommendations",
+                "the bottleneck: a model with a fixed capacity",
+                recs,
+            ),
+            _service("checkout", "payment, inventory, then an email through RabbitMQ", aggregator),
+            _service("payment", "charges"),
+            _service("inventory", "reservations"),
+            _service("email", "the worker consuming RabbitMQ's queue emails; GET /stats"),
+        ]
+    )
     return f"""\
 # The demo's mesh, written by `meshlayer demo` (afresh each run) and applied to its
-# control plane at {control_url}. Change it while the demo runs, e.g. the weights
-# below, then apply it again; every sidecar picks the new version up within a second:
+# control plane at {control_url}. Change it while the demo runs (a rule, a class's
+# weight or queueDelayTarget), then apply it again; every sidecar and the gateway pick
+# the new version up within a second:
 #   meshlayer apply -f {path} --control {control_url} \\
 #     --admin-token "$(cat {token_file})"
 # No Service lists its meshed endpoints: each sidecar registers its own inbound
 # listener with the control plane, which pushes the endpoints with the config.
+#
+# Priority classes: the shipped ones, written out. Higher rank goes first; weight is
+# the share a class keeps under contention; past queueDelayTarget the lowest class
+# is shed (503, Retry-After, x-meshlayer-error: shed).
 apiVersion: meshlayer/v1
-kind: Service
-metadata: {{name: frontend}}
-spec:
-  timeouts: {{connect: 1s, request: 10s}}
----
-# The name the frontend calls. HTTPRoute {ROUTE} decides where its requests go.
-apiVersion: meshlayer/v1
-kind: Service
-metadata: {{name: catalog}}
-spec: {{}}
+kind: PriorityClass
+metadata: {{name: critical}}
+spec: {{rank: 100, weight: 60, queueDelayTarget: 500ms, dscp: EF, soPriority: 6}}
 ---
 apiVersion: meshlayer/v1
-kind: Service
-metadata: {{name: catalog-v1}}    # two replicas
-spec:
-  loadBalancer: p2c-ewma
-  timeouts: {{connect: 1s, request: 5s}}
-  retries: {{attempts: 2, budgetPercent: 20, onStatus: [503]}}
-  outlierDetection: {{consecutiveFailures: 3, baseEjectionTime: 10s}}
-  {_HEALTH}
+kind: PriorityClass
+metadata: {{name: default}}
+spec: {{rank: 50, weight: 30, queueDelayTarget: 100ms}}
 ---
 apiVersion: meshlayer/v1
-kind: Service
-metadata: {{name: catalog-v2}}    # one replica, the new version
+kind: PriorityClass
+metadata: {{name: batch}}
+spec: {{rank: 10, weight: 10, queueDelayTarget: 50ms, dscp: CS1, soPriority: 1}}
+---
+# The gateway's rules, tried in order; the first that matches gives the class. What a
+# client says about its own class (x-meshlayer-priority, baggage) is never trusted.
+apiVersion: meshlayer/v1
+kind: ClassificationRule
+metadata: {{name: crawlers}}
 spec:
-  timeouts: {{connect: 1s, request: 5s}}
-  retries: {{attempts: 2, budgetPercent: 20, onStatus: [503]}}
-  {_HEALTH}
+  order: 10
+  priorityClass: batch
+  match:
+    headers: [{{name: user-agent, type: RegularExpression, value: "(?i).*(bot|crawler|spider).*"}}]
 ---
 apiVersion: meshlayer/v1
-kind: Service
-metadata: {{name: reviews}}
+kind: ClassificationRule
+metadata: {{name: batch-jobs}}
 spec:
-  loadBalancer: least-request
-  timeouts: {{connect: 1s, request: 2s}}
-  retries: {{attempts: 2, budgetPercent: 20, onStatus: [502, 503]}}
-  {_HEALTH}
+  order: 20
+  priorityClass: batch
+  match:
+    headers: [{{name: user-agent, type: RegularExpression, value: "[a-z-]+-job/.*"}}]
 ---
 apiVersion: meshlayer/v1
-kind: HTTPRoute
-metadata: {{name: {ROUTE}}}
+kind: ClassificationRule
+metadata: {{name: shoppers}}
 spec:
-  parentRefs: [{{name: catalog}}]
-  rules:
-  - matches:                  # {CANARY_HEADER}: 1 always gets the new version
-    - path: {{type: PathPrefix, value: /items}}
-      headers: [{{name: {CANARY_HEADER}, value: "1"}}]
-    backendRefs: [{{name: catalog-v2}}]
-  - matches: [{{path: {{type: PathPrefix, value: /items}}}}]
-    backendRefs:              # everyone else: split by weight
-{backends}
-"""
+  order: 100
+  priorityClass: critical
+  match:
+    services: [frontend]
+    paths:
+    - {{type: Exact, value: /}}
+    - {{type: PathPrefix, value: /product}}
+    - {{type: Exact, value: /checkout}}
+{services}"""
 
 
 def apply_file(api: ControlAPI, path: Path) -> dict[str, Any]:

@@ -105,7 +105,10 @@ def stop_children(children: Sequence[Child], say: Callable[[str], None]) -> None
             child.popen.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             say(f"{child.label} (pid {child.pid}) ignored SIGTERM; killing it")
-            child.popen.kill()
+            # Its own session: the group is the child and what it started (the broker's
+            # script starts the Erlang VM), nothing else.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
             child.popen.wait(5)
             child.close()
             continue

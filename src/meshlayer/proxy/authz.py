@@ -33,8 +33,9 @@ certificate (``peer_identity`` on the downstream connection); a plaintext
 caller (None) never matches a ``from`` entry. Paths compare with the
 normalised path without its query: ``exact`` is equality, ``prefix`` is the
 value and everything under it on whole segments (``/admin`` covers
-``/admin`` and ``/admin/x``, not ``/administrator``). Methods match exactly;
-header values exactly, names case-insensitively, and all must hold.
+``/admin`` and ``/admin/x``, not ``/administrator``; a trailing ``/`` is
+ignored, as routing ignores it: :mod:`meshlayer.proxy.match`). Methods match
+exactly; header values exactly, names case-insensitively, and all must hold.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from prometheus_client import CollectorRegistry, Counter
 from meshlayer.config.authz import service_of
 from meshlayer.config.model import AuthorizationPolicy, MeshConfig, MeshSettings
 from meshlayer.proxy.errors import MeshError
+from meshlayer.proxy.match import header_map, segment_prefix, under
 from meshlayer.proxy.pathnorm import PathError, normalize
 
 if TYPE_CHECKING:
@@ -86,7 +88,7 @@ class _Operation:
             return False
         if not self.any_path and path not in self.exact:
             for prefix in self.prefixes:
-                if _under(path, prefix):
+                if under(path, prefix):
                     break
             else:
                 return False
@@ -95,13 +97,6 @@ class _Operation:
             if values is None or value not in values:
                 return False
         return True
-
-
-def _under(path: bytes, prefix: bytes) -> bool:
-    """``path`` is ``prefix`` or below it, on whole segments."""
-    if not path.startswith(prefix):
-        return False
-    return len(path) == len(prefix) or prefix.endswith(b"/") or path[len(prefix)] == 47  # "/"
 
 
 class _Rule:
@@ -160,7 +155,9 @@ class CompiledPolicy:
                     _Operation(
                         frozenset(m.encode("ascii") for m in op.methods),
                         frozenset(p.value.encode("ascii") for p in op.paths if not p.prefix),
-                        tuple(p.value.encode("ascii") for p in op.paths if p.prefix),
+                        tuple(
+                            segment_prefix(p.value.encode("ascii")) for p in op.paths if p.prefix
+                        ),
                         headers,
                     )
                 )
@@ -239,7 +236,7 @@ class ServiceAuthz:
         """
         q = target.find(b"?")
         path = target[:q] if q >= 0 else target
-        hmap = _header_map(headers) if self.needs_headers else {}
+        hmap = header_map(headers) if self.needs_headers else {}
         denied = self.enforced.decide(method, path, hmap, identity)
         if denied is not None or self.shadow is None:
             return denied, None
@@ -281,13 +278,6 @@ class ServiceAuthz:
     def __repr__(self) -> str:
         deny = self.enforced.default_deny
         return f"<ServiceAuthz {self.name} {list(self.policies)} default_deny={deny}>"
-
-
-def _header_map(headers: Headers) -> dict[bytes, list[bytes]]:
-    out: dict[bytes, list[bytes]] = {}
-    for name, value in headers:
-        out.setdefault(name.lower(), []).append(value.strip(b" \t"))
-    return out
 
 
 def compile_policies(

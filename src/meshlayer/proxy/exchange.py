@@ -3,10 +3,14 @@
 Theory of operation: the listener's connection parses a request head and
 makes an ``Exchange``; ``start`` runs the stages in one straight line —
 authorize (inbound, only when policies apply: :mod:`meshlayer.proxy.authz`
-normalises the path and may answer 403/400), route (authority to service;
+normalises the path and may answer 403/400; a gateway normalises it too, so
+its routes, rules and app see one path: :mod:`meshlayer.proxy.classify`),
+route (authority to service;
 then, when HTTPRoutes govern that service, its matching rule picks the
 backend service and may override the request timeout and retries:
-``conf``), circuit breaker, balance, pool checkout — and sends the head on an
+``conf``), classify (``prio``), circuit breaker, admission (the destination's
+concurrency limit: a request over it waits in its class's queue or is shed,
+:mod:`meshlayer.proxy.admission`), balance, pool checkout — and sends the head on an
 upstream connection (opening one in a task when none is idle). From then on
 everything is driven by callbacks, with no task per request: request body
 pieces from the client go straight to the upstream transport, response events
@@ -30,11 +34,15 @@ import time
 from random import getrandbits
 from typing import TYPE_CHECKING
 
+from meshlayer.baggage import stamp_class
+from meshlayer.proxy.classes import BAGGAGE, ClassState
+from meshlayer.proxy.classes import HEADER as PRIORITY_HEADER
+from meshlayer.proxy.classify import gateway_path
 from meshlayer.proxy.codec import ProtocolError, RequestHead, ResponseHead
 from meshlayer.proxy.codec.events import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, Headers
 from meshlayer.proxy.codec.serialize import build_head, chunk, last_chunk, without
 from meshlayer.proxy.errors import MeshError, render
-from meshlayer.proxy.pool import CONNECT, IDLE, OVERFLOW
+from meshlayer.proxy.pool import CONNECT, IDLE, OVERFLOW, ServicePool
 from meshlayer.proxy.runtime import ServiceRuntime, split_target
 from meshlayer.proxy.tls import NoIdentity
 from meshlayer.proxy.upstream import UpstreamConnection
@@ -43,6 +51,7 @@ REQUEST, STREAM = 3, 4  # deadline kinds of the client connection (see server.py
 
 if TYPE_CHECKING:
     from meshlayer.config.model import Service
+    from meshlayer.proxy.admission import AdmissionControl
     from meshlayer.proxy.balancer import EndpointState
     from meshlayer.proxy.server import DownstreamConnection
 
@@ -60,9 +69,10 @@ IDENTITY_HEADERS = frozenset({b"x-meshlayer-peer-identity", b"x-forwarded-client
 WATCHED = (
     frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id", SOURCE_HEADER})
     | IDENTITY_HEADERS
+    | {PRIORITY_HEADER, BAGGAGE}
 )
 _HOST = frozenset({b"host"})
-_FORWARDED = b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\nx-request-id: %b"
+_FORWARDED = b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\nx-request-id: %b\r\n%b"
 
 # response phases
 WAITING = 0  # no final response head yet
@@ -74,6 +84,7 @@ class Exchange:
     """One request and its response."""
 
     __slots__ = (
+        "adm",
         "attempts",
         "authority",
         "body",
@@ -89,6 +100,9 @@ class Exchange:
         "out_head",
         "path",
         "phase",
+        "pool",
+        "prio",
+        "prio_missing",
         "replayable",
         "req_done",
         "request_id",
@@ -97,6 +111,7 @@ class Exchange:
         "started",
         "status",
         "t0",
+        "t_admit",
         "t_attempt",
         "trailers",
         "tried",
@@ -106,6 +121,8 @@ class Exchange:
 
     conf: Service
     """The destination's effective config (HTTPRoute overrides applied); set with ``service``."""
+    prio: ClassState
+    """The request's priority class (:mod:`meshlayer.proxy.classes`); set in ``start``."""
 
     def __init__(self, down: DownstreamConnection, head: RequestHead) -> None:
         self.down = down
@@ -118,6 +135,7 @@ class Exchange:
         self.trailers: Headers | None = None
         self.conn: UpstreamConnection | None = None
         self.service: ServiceRuntime | None = None
+        self.pool: ServicePool | None = None  # the class's pool, chosen at the first attempt
         self.endpoint: EndpointState | None = None
         self.phase = WAITING
         self.status = 0
@@ -135,6 +153,9 @@ class Exchange:
         self.path = b""
         self.t0 = 0.0
         self.t_attempt = 0.0
+        self.adm: AdmissionControl | None = None  # queued (t_admit 0) or holding a slot
+        self.t_admit = 0.0
+        self.prio_missing = False
 
     def __repr__(self) -> str:
         return (
@@ -157,10 +178,22 @@ class Exchange:
             authz = down.listener.authz
             if authz is not None:  # inbound, with policies: may rewrite self.path
                 authz.authorize(self)
-            svc = down.listener.route(self)
+            listener = down.listener
+            if listener.classify is not None:  # a gateway: route, classify, forward the normal form
+                self.path = gateway_path(self.path)
+            svc = listener.route(self)
             conf = svc.service
             if svc.routes is not None:  # HTTPRoutes: the backend and the rule's policy
                 svc, conf = svc.routes.select(self.head.method, self.path, self.head.headers)
+            if listener.classify is not None:  # a gateway: its rules, never the client's claim
+                self.prio = listener.classify(self, svc, conf)
+            else:
+                prio = listener.classes.read(self.head.picked)
+                if prio is None:
+                    prio = listener.classes.default_for(conf.priority_class)
+                    self.prio_missing = True
+                    listener.missing_class(svc.name)
+                self.prio = prio
         except MeshError as err:
             self._fail(err)
             return
@@ -170,15 +203,42 @@ class Exchange:
             return
         self.service = svc
         self.conf = conf
-        svc.in_flight += 1
-        svc.budget.deposit(now)
+        svc.in_flight += 1  # the breaker counts queued requests too
         self.out_head = self._build_request_head()
         timeouts = conf.timeouts
         if self.req_done:
             down.set_deadline(REQUEST, timeouts.request, now)
         else:  # the request timeout starts when the whole request has arrived
             down.set_deadline(STREAM, timeouts.idle, now)
+        adm = svc.admission
+        if adm is not None:  # the destination's concurrency limit (None: unlimited)
+            self.adm = adm
+            if adm.in_use >= adm.limit or adm.queued:  # wait in the class's queue, or shed
+                prio = self.prio  # --priority off: one FIFO queue, the default class's
+                if svc.fifo:
+                    prio = down.listener.classes.default_for("default")
+                refused = adm.arrive(self, prio, now)
+                if refused is not None:
+                    self.adm = None
+                    self._fail(refused)
+                return
+            adm.in_use += 1
+            self.t_admit = now
+        svc.budget.deposit(now)
         self._attempt(now)
+
+    def admitted(self, now: float) -> None:
+        """Admission gave this queued request a slot: balance and send."""
+        self.t_admit = now
+        svc = self.service
+        assert svc is not None
+        svc.budget.deposit(now)
+        self._attempt(now)
+
+    def shed(self, err: MeshError) -> None:
+        """Admission shed this request from its queue."""
+        self.adm = None
+        self._fail(err)
 
     def _attempt(self, now: float = 0.0) -> None:
         svc = self.service
@@ -192,7 +252,14 @@ class Exchange:
         self.tried.append(ep)
         ep.in_flight += 1
         self.t_attempt = now or time.monotonic()
-        plan, conn = svc.pool.checkout(ep)
+        pool = self.pool
+        if pool is None:  # the pool of the request's class; its retries use it again
+            try:
+                pool = svc.pools[self.prio.index]
+            except IndexError:  # fewer classes since this request was classified
+                pool = svc.pools[-1]
+            self.pool = pool
+        plan, conn = pool.checkout(ep)
         if plan == IDLE:
             assert conn is not None
             self._send(conn)
@@ -201,19 +268,23 @@ class Exchange:
         elif plan == OVERFLOW:
             ep.in_flight -= 1
             self.endpoint = None
-            self._fail(MeshError(503, "overflow", f"{svc.name}: connection and pending limits"))
+            self._fail(
+                MeshError(
+                    503, "overflow", f"{svc.name}: connection and pending limits ({pool.name} pool)"
+                )
+            )
         else:
-            svc.pool.pending.append(self._on_pool_slot)
+            pool.pending.append(self._on_pool_slot)
 
     def _on_pool_slot(self, conn: UpstreamConnection | None) -> None:
         """Woken from the pending queue with a connection or a slot to open one."""
+        pool = self.pool
+        assert pool is not None
         if self.phase != WAITING or self.conn is not None:
             if conn is not None:  # we gave up meanwhile: pass it on
-                assert self.service is not None
-                self.service.pool.release(conn)
+                pool.release(conn)
             else:
-                assert self.service is not None
-                self.service.pool._slot_freed()
+                pool._slot_freed()
             return
         if conn is not None:
             ep = self.endpoint
@@ -229,9 +300,10 @@ class Exchange:
 
     async def _connect(self, ep: EndpointState) -> None:
         svc = self.service
-        assert svc is not None
+        pool = self.pool
+        assert svc is not None and pool is not None
         try:
-            conn = await svc.pool.open(
+            conn = await pool.open(
                 ep,
                 svc.service.timeouts.connect,
                 UpstreamConnection,
@@ -252,7 +324,7 @@ class Exchange:
             )
             return
         if self.phase != WAITING or self.down.closed:
-            svc.pool.release(conn)
+            pool.release(conn)
             return
         self._send(conn)
 
@@ -299,7 +371,13 @@ class Exchange:
             xff + b", " + down.peer_ip if xff else down.peer_ip,
             picked.get(b"x-forwarded-proto", b"http"),
             rid,
+            self.prio.header_line,
         )
+        baggage = picked.get(BAGGAGE)
+        if down.listener.classify is not None:  # a gateway: its class, never the client's claim
+            baggage = stamp_class(baggage, self.prio.name.encode())
+        if baggage is not None:
+            tail += b"\r\nbaggage: " + baggage
         if down.peer_identity is not None:  # verified by the inbound mTLS handshake
             tail += b"\r\nx-meshlayer-peer-identity: " + down.peer_identity.encode()
         if head.upgrade is not None:
@@ -390,8 +468,10 @@ class Exchange:
         ep = self.endpoint
         assert svc is not None and ep is not None
         now = time.monotonic()
+        shed = status == 503 and _is_shed(resp)
         if (
             status in self.conf.retries.on_status
+            and not shed  # a peer shedding load: retrying would only add to it
             and self.head.method in IDEMPOTENT
             and self._can_retry()
         ):
@@ -404,7 +484,11 @@ class Exchange:
                 conn.close()
             self._attempt()
             return
-        svc.balancer.report(ep, status < 500, now - self.t_attempt, now)
+        # A shed is the peer working as designed, not failing: no outlier ejection for it.
+        svc.balancer.report(ep, status < 500 or shed, now - self.t_attempt, now)
+        adm = self.adm
+        if adm is not None:  # latency from admission to the response head
+            adm.sample(now - self.t_admit, now)
         self.status = status
         self.phase = STREAMING
         lines = resp.lines  # the parser makes a fresh list per message: ours to extend
@@ -419,6 +503,9 @@ class Exchange:
                     lines.append(b"upgrade: " + value)
             down.set_deadline(STREAM, svc.service.timeouts.idle, now)
             down.write(build_head(b"HTTP/1.1 101 %b" % resp.reason, lines))
+            if adm is not None:  # a tunnel is no request any more: it holds no slot
+                self.adm = None
+                adm.release(now)
             conn = self.conn
             if conn is not None:
                 for piece in self.tunnel_buf or ():
@@ -539,11 +626,25 @@ class Exchange:
             if self.conn is not None:
                 self.conn.abort()
                 self.conn = None
+            adm = self.adm
+            if adm is not None and self.t_admit:  # admitted: its latency is at least this
+                now = time.monotonic()
+                adm.sample(now - self.t_admit, now)
             timeout = self.conf.timeouts.request if svc else 0
             self._fail(MeshError(504, "timeout", f"{name}: no response within {timeout:g}s"))
         else:
             self.down.abort()
             self._finish(ok=False)
+
+    def on_client_eof(self) -> bool:
+        """The client half-closed while this whole request waits in an admission queue:
+        taken as a client abort (as nginx does), it leaves the queue. True if it did."""
+        if self.adm is None or self.t_admit or not self.req_done or self.phase != WAITING:
+            return False
+        self.close_after = True
+        self.status = 499
+        self._finish(ok=False)
+        return True
 
     def on_downstream_lost(self) -> None:
         """The client went away."""
@@ -576,8 +677,10 @@ class Exchange:
             self.close_after = True
         listener = down.listener
         listener.metrics.errors.labels(listener.direction, err.reason).inc()
-        if log.isEnabledFor(logging.INFO):
-            log.info(
+        level = logging.DEBUG if err.reason == "shed" else logging.INFO
+        if log.isEnabledFor(level):  # (admission logs when shedding starts and stops)
+            log.log(
+                level,
                 "%s %s %s -> %d %s: %s",
                 listener.direction,
                 self.head.method.decode(),
@@ -610,8 +713,8 @@ class Exchange:
         conn = self.conn
         self.conn = None
         if conn is not None:
-            if ok and self.req_done and conn.reusable and svc is not None:
-                svc.pool.release(conn, now)
+            if ok and self.req_done and conn.reusable and self.pool is not None:
+                self.pool.release(conn, now)
             else:
                 conn.close()
         if self.endpoint is not None:
@@ -621,16 +724,34 @@ class Exchange:
             svc.in_flight -= 1
             if not self.req_done:
                 self.close_after = True
-            if svc.pool.pending:
+            pool = self.pool
+            if pool is not None and pool.pending:
                 try:  # a waiter that gave up must not hold a pending place
-                    svc.pool.pending.remove(self._on_pool_slot)
+                    pool.pending.remove(self._on_pool_slot)
                 except ValueError:
                     pass
+        adm = self.adm
+        if adm is not None:
+            self.adm = None
+            if self.t_admit:  # held a slot: the next waiter's turn
+                adm.in_use -= 1
+                if adm.queued:
+                    adm.dispatch(now)
+            else:  # still queued: the client went, the deadline passed, the body broke
+                adm.leave(self)
         down = self.down
         if down.paused & 6:
             down.resume(2 | 4)  # whatever this exchange paused, it no longer needs
         down.listener.observe(self, now - self.t0)
         down.exchange_done(self, now)
+
+
+def _is_shed(resp: ResponseHead) -> bool:
+    """Whether a 503 is a mesh peer's load shedding (``x-meshlayer-error: shed``)."""
+    for name, value in resp.headers:
+        if value == b"shed" and name.lower() == b"x-meshlayer-error":
+            return True
+    return False
 
 
 def _response_lines(resp: ResponseHead) -> list[bytes]:

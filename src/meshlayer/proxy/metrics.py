@@ -1,8 +1,8 @@
 """Prometheus metrics of one sidecar.
 
 The hot path touches only plain integers kept per (direction, source,
-destination): one status count and one histogram bucket per request, read by
-a collector at scrape time. Gauges that describe state (ejected endpoints, pool
+destination, priority class): one status count and one histogram bucket per
+request, read by a collector at scrape time. Gauges that describe state (ejected endpoints, pool
 sizes, in-flight) are read at scrape time by a collector, costing nothing per
 request.
 """
@@ -11,18 +11,24 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from meshlayer.proxy.admission import DELAY_BUCKETS
+
+if TYPE_CHECKING:
+    from meshlayer.proxy.admission import AdmissionControl
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class RouteMetrics:
-    """Request counts and a latency histogram for one (direction, source, destination).
+    """Request counts and a latency histogram for one (direction, source, destination,
+    priority).
 
     Plain integers, no locks: the sidecar is one thread, and the scrape reads
     them through ``_RouteCollector``.
@@ -30,8 +36,8 @@ class RouteMetrics:
 
     __slots__ = ("buckets", "labels", "statuses", "total_seconds")
 
-    def __init__(self, direction: str, source: str, destination: str) -> None:
-        self.labels = (direction, source, destination)
+    def __init__(self, direction: str, source: str, destination: str, priority: str) -> None:
+        self.labels = (direction, source, destination, priority)
         self.statuses = [0, 0, 0, 0, 0]
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.total_seconds = 0.0
@@ -45,19 +51,19 @@ class RouteMetrics:
 
 
 class _RouteCollector(Collector):
-    def __init__(self, routes: dict[tuple[str, str, str], RouteMetrics]) -> None:
+    def __init__(self, routes: dict[tuple[str, str, str, str], RouteMetrics]) -> None:
         self._routes = routes
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         requests = CounterMetricFamily(
             "meshlayer_requests",
-            "Requests handled, by direction, source, destination and status class",
-            labels=["direction", "source", "destination", "status_class"],
+            "Requests handled, by direction, source, destination, priority and status class",
+            labels=["direction", "source", "destination", "priority", "status_class"],
         )
         duration = HistogramMetricFamily(
             "meshlayer_request_duration_seconds",
-            "Time from the request head to the end of the response",
-            labels=["direction", "source", "destination"],
+            "Time from the request head to the end of the response, by priority class",
+            labels=["direction", "source", "destination", "priority"],
         )
         for rm in list(self._routes.values()):
             for cls, n in zip(STATUS_CLASSES, rm.statuses, strict=True):
@@ -85,6 +91,11 @@ class _StateCollector(Collector):
             "meshlayer_endpoints": ("Endpoints configured", ["service"]),
             "meshlayer_upstream_in_flight": ("Requests in flight to a service", ["service"]),
             "meshlayer_upstream_pending": ("Requests waiting for a connection", ["service"]),
+            "meshlayer_upstream_pool_connections": (
+                "Upstream connections open or opening, by service and priority class pool "
+                "('*': the one pool with --priority off)",
+                ["service", "priority"],
+            ),
         }
         for name, (doc, labels) in specs.items():
             fam = GaugeMetricFamily(name, doc, labels=labels)
@@ -96,12 +107,86 @@ class _StateCollector(Collector):
         return []
 
 
+class _AdmissionCollector(Collector):
+    """Queues, sheds and limits of admission control (``meshlayer.proxy.admission``),
+    read at scrape time from its plain counters."""
+
+    def __init__(self, read: Callable[[], list[tuple[str, str, AdmissionControl]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        labels = ["direction", "service", "priority"]
+        length = GaugeMetricFamily(
+            "meshlayer_queue_length", "Requests waiting for admission, by class", labels=labels
+        )
+        shed = CounterMetricFamily(
+            "meshlayer_shed",
+            "Requests shed (503 x-meshlayer-error: shed) at arrival or from the queue",
+            labels=labels,
+        )
+        delay = HistogramMetricFamily(
+            "meshlayer_queue_delay_seconds",
+            "Time requests that had to queue waited for admission, by class",
+            labels=labels,
+        )
+        limit = GaugeMetricFamily(
+            "meshlayer_concurrency_limit",
+            "Requests admitted at once to a destination (adaptive or fixed)",
+            labels=["direction", "service"],
+        )
+        in_use = GaugeMetricFamily(
+            "meshlayer_admitted_in_flight",
+            "Requests holding an admission slot",
+            labels=["direction", "service"],
+        )
+        for direction, service, adm in self._read():
+            limit.add_metric([direction, service], adm.limit)
+            in_use.add_metric([direction, service], adm.in_use)
+            for q in adm.classes():
+                key = [direction, service, q.name]
+                length.add_metric(key, len(q.waiters))
+                shed.add_metric(key, q.shed_total)
+                cumulative, acc = [], 0
+                for bound, n in zip([*DELAY_BUCKETS, float("inf")], q.buckets, strict=True):
+                    acc += n
+                    cumulative.append(("+Inf" if bound == float("inf") else repr(bound), acc))
+                delay.add_metric(key, cumulative, q.delay_sum)
+        yield length
+        yield shed
+        yield delay
+        yield limit
+        yield in_use
+
+    def describe(self) -> list[Any]:
+        return []
+
+
+class _PlainCounters(Collector):
+    """A counter family kept as plain integers by label values, read at scrape time."""
+
+    def __init__(
+        self, name: str, doc: str, labels: list[str], values: dict[tuple[str, str], int]
+    ) -> None:
+        self._family = (name, doc, labels)
+        self._values = values
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        name, doc, labels = self._family
+        fam = CounterMetricFamily(name, doc, labels=labels)
+        for key, n in list(self._values.items()):
+            fam.add_metric(list(key), n)
+        yield fam
+
+    def describe(self) -> list[Any]:
+        return []
+
+
 class Metrics:
     """All metrics of one sidecar, in their own registry."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self._routes: dict[tuple[str, str, str], RouteMetrics] = {}
+        self._routes: dict[tuple[str, str, str, str], RouteMetrics] = {}
         r.register(_RouteCollector(self._routes))
         self.connections = Gauge(
             "meshlayer_open_connections",
@@ -134,18 +219,36 @@ class Metrics:
             "Configs pushed by the control plane that failed validation and were not applied",
             registry=r,
         )
+        self.priority_missing: dict[tuple[str, str], int] = {}
+        """(direction, service) → requests that carried no known class (plain ints)."""
+        r.register(
+            _PlainCounters(
+                "meshlayer_priority_missing",
+                "Requests that carried no known priority class and got their service's default",
+                ["direction", "service"],
+                self.priority_missing,
+            )
+        )
         self.control_connected = Gauge(
             "meshlayer_control_connected",
             "1 while the watch stream to the control plane is open",
             registry=r,
         )
 
-    def route(self, direction: str, source: str, destination: str) -> RouteMetrics:
-        key = (direction, source, destination)
+    def route(
+        self, direction: str, source: str, destination: str, priority: str = "default"
+    ) -> RouteMetrics:
+        key = (direction, source, destination, priority)
         rm = self._routes.get(key)
         if rm is None:
-            rm = self._routes[key] = RouteMetrics(direction, source, destination)
+            rm = self._routes[key] = RouteMetrics(direction, source, destination, priority)
         return rm
+
+    def add_admission_collector(
+        self, read: Callable[[], list[tuple[str, str, AdmissionControl]]]
+    ) -> None:
+        """Export admission control: ``read`` gives (direction, service, admission)."""
+        self.registry.register(_AdmissionCollector(read))
 
     def add_state_collector(
         self, read: Callable[[], dict[str, list[tuple[tuple[str, ...], float]]]]

@@ -42,6 +42,7 @@ from typing import Generic, TypeVar
 
 from meshlayer.config.model import HTTPRoute, RouteRule, Service
 from meshlayer.proxy.errors import MeshError
+from meshlayer.proxy.match import header_map, segment_prefix, under
 
 T = TypeVar("T")
 
@@ -133,18 +134,13 @@ class ServiceRoutes(Generic[T]):
         exact = self._exact.get(path)
         for group in (exact, self._prefix) if exact else (self._prefix,):
             for e in group:
-                if e.exact is None:
-                    prefix = e.prefix
-                    if prefix and not (
-                        path.startswith(prefix)
-                        and (len(path) == len(prefix) or path[len(prefix)] == 47)  # b"/"
-                    ):
-                        continue
+                if e.exact is None and e.prefix and not under(path, e.prefix):
+                    continue
                 if e.method is not None and e.method != method:
                     continue
                 if e.headers:
                     if hmap is None:
-                        hmap = _header_map(headers)
+                        hmap = header_map(headers)
                     if not _headers_match(e.headers, hmap):
                         continue
                 return e
@@ -167,13 +163,6 @@ class ServiceRoutes(Generic[T]):
 
     def __repr__(self) -> str:
         return f"<ServiceRoutes {self.name} {[e.where for e in self.entries]}>"
-
-
-def _header_map(headers: Headers) -> dict[bytes, list[bytes]]:
-    out: dict[bytes, list[bytes]] = {}
-    for name, value in headers:
-        out.setdefault(name.lower(), []).append(value.strip(b" \t"))
-    return out
 
 
 def _headers_match(wanted: tuple[tuple[bytes, bytes], ...], have: dict[bytes, list[bytes]]) -> bool:
@@ -231,7 +220,7 @@ def compile_routes(
                 for mi, m in enumerate(rule.matches):
                     value = m.path.value.encode("ascii")
                     exact = value if m.path.type == "Exact" else None
-                    prefix = value.rstrip(b"/")
+                    prefix = segment_prefix(value)
                     key = (
                         0 if exact is not None else 1,
                         -len(prefix),

@@ -1,10 +1,14 @@
 """Per-service runtime state built from config, and the router that finds it.
 
 A ``ServiceRuntime`` bundles what the request path needs for one destination:
-its config, balancer, pool (with circuit breaker), retry budget and in-flight
-count. The ``Router`` maps a request's authority to one. Both are rebuilt
-when config changes; a runtime whose endpoints did not change is kept, so its
-pools and balancer statistics survive.
+its config, balancer, connection pools (one per priority class, each bounded
+by the circuit breaker's connection and pending limits:
+:mod:`meshlayer.proxy.pool`), retry budget and in-flight count (bounded by
+``maxRequests`` for the service as a whole). The ``Router`` maps a request's
+authority to one. Both are rebuilt when config changes; a runtime whose
+service config did not change is kept, so its pools and balancer statistics
+survive (its pools are laid out again for the new priority classes:
+unchanged classes keep their connections).
 
 The Router also compiles the config's HTTPRoutes (:mod:`meshlayer.proxy.routes`)
 and hangs each parent service's table on its runtime as ``routes`` (None for
@@ -16,10 +20,14 @@ settings and no endpoints.
 
 from __future__ import annotations
 
-from meshlayer.config.model import MeshConfig, Service
+from collections.abc import Mapping
+
+from meshlayer.config.model import MeshConfig, PriorityClass, Service
+from meshlayer.config.priority import by_rank
+from meshlayer.proxy.admission import admission_for
 from meshlayer.proxy.balancer import Balancer
 from meshlayer.proxy.errors import MeshError
-from meshlayer.proxy.pool import ServicePool
+from meshlayer.proxy.pool import ClassPools, ServicePool
 from meshlayer.proxy.resilience import RetryBudget
 from meshlayer.proxy.routes import ServiceRoutes, compile_routes
 
@@ -27,20 +35,41 @@ from meshlayer.proxy.routes import ServiceRoutes, compile_routes
 class ServiceRuntime:
     """Everything the request path needs for one destination service."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(
+        self,
+        service: Service,
+        classes: Mapping[str, PriorityClass] | None = None,
+        fifo: bool = False,
+        direction: str = "outbound",
+    ) -> None:
         self.service = service
         self.name = service.name
         self.balancer = Balancer(
             service.endpoints, service.load_balancer, service.outlier_detection
         )
-        self.pool = ServicePool(service.circuit_breaker)
+        self.class_pools = ClassPools(service.circuit_breaker)
+        """The connection pools of all classes (and the retired ones, after a reload)."""
+        self.pools: list[ServicePool] = self.class_pools.pools
+        """The pool of each priority class, by ``ClassState.index`` (one pool, repeated,
+        with priority off)."""
+        self.set_classes(classes or {}, fifo)
         self.budget = RetryBudget(service.retries.budget_percent, service.retries.min_per_second)
         self.in_flight = 0
+        self.admission = admission_for(
+            service.inbound if direction == "inbound" else service.outbound, direction, self.name
+        )
+        """Concurrency limit and class queues (``spec.inbound``/``outbound``); None: unlimited."""
         self.routes: ServiceRoutes[ServiceRuntime] | None = None
         """HTTPRoute table when routes name this service as parent (set by the Router)."""
 
     def __repr__(self) -> str:
-        return f"<ServiceRuntime {self.name} in_flight={self.in_flight} {self.pool!r}>"
+        return f"<ServiceRuntime {self.name} in_flight={self.in_flight} {self.class_pools!r}>"
+
+    def set_classes(self, classes: Mapping[str, PriorityClass], fifo: bool = False) -> None:
+        """Lay the pools out for the priority classes in force (``fifo``: priority off)."""
+        self.fifo = fifo
+        """``--priority off``: one pool for all classes (and one queue, for admission)."""
+        self.class_pools.set_classes(by_rank(classes.values()), fifo)
 
 
 def _authority_host(authority: bytes) -> str:
@@ -55,8 +84,13 @@ def _authority_host(authority: bytes) -> str:
 class Router:
     """Authority → service runtime, for the outbound side."""
 
-    def __init__(self, config: MeshConfig, previous: Router | None = None) -> None:
+    def __init__(
+        self, config: MeshConfig, previous: Router | None = None, fifo: bool | None = None
+    ) -> None:
+        """``fifo``: priority off, one pool per service (default: as ``previous``, else on)."""
         self.config = config
+        self.fifo: bool = fifo if fifo is not None else previous is not None and previous.fifo
+        classes = config.priority_classes
         self.services: dict[str, ServiceRuntime] = {}
         self._resolved: dict[bytes, ServiceRuntime] = {}  # authority as sent -> runtime
         wanted = dict(config.services)
@@ -69,9 +103,10 @@ class Router:
         for name, svc in wanted.items():
             old = previous.services.get(name) if previous else None
             if old is not None and old.service == svc:
+                old.set_classes(classes, self.fifo)
                 self.services[name] = old
             else:
-                self.services[name] = ServiceRuntime(svc)
+                self.services[name] = ServiceRuntime(svc, classes, self.fifo)
         tables = compile_routes(config.routes, wanted, self.services.__getitem__)
         for name, rt in self.services.items():  # kept runtimes get the new table too
             rt.routes = tables.get(name)

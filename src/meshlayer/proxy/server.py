@@ -24,6 +24,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from meshlayer.config.model import DEFAULT_PRIORITY_CLASSES
+from meshlayer.proxy.classes import ClassState, ClassTable
 from meshlayer.proxy.codec import Body, EndOfMessage, ProtocolError, RequestHead, TunnelData
 from meshlayer.proxy.codec.request import RequestParser
 from meshlayer.proxy.errors import render
@@ -32,6 +34,7 @@ from meshlayer.proxy.metrics import Metrics, RouteMetrics
 from meshlayer.proxy.runtime import ServiceRuntime
 
 if TYPE_CHECKING:
+    from meshlayer.config.model import Service
     from meshlayer.proxy.authz import ServiceAuthz
     from meshlayer.proxy.tls import MeshTls
 
@@ -74,15 +77,29 @@ class Listener:
         """Inbound authorization when policies or the mesh default apply (set by the sidecar)."""
         self.upstream_tls: MeshTls | None = None
         """mTLS to meshed endpoints (outbound, when the sidecar has an identity)."""
+        self.classes = ClassTable({c.name: c for c in DEFAULT_PRIORITY_CLASSES})
+        """The priority classes in force (set by the sidecar, again on each reload)."""
+        self.classify: Callable[[Exchange, ServiceRuntime, Service], ClassState] | None = None
+        """A gateway's ClassificationRules: when set, a client's own class is never read."""
         self.closing = False
         self.connections: set[DownstreamConnection] = set()
         self.server: asyncio.Server | None = None
         self._gauge = metrics.connections.labels("downstream", direction)
-        # source -> destination -> its metrics: two lookups, no key tuple per request
-        self._route_metrics: dict[str, dict[str, RouteMetrics]] = {}
+        # source -> destination -> priority class -> its metrics: no key tuple per request
+        self._route_metrics: dict[str, dict[str, dict[str, RouteMetrics]]] = {}
 
     def protocol(self) -> DownstreamConnection:
         return DownstreamConnection(self)
+
+    def missing_class(self, service: str) -> None:
+        """Count a request that carried no known class (it got ``service``'s default)."""
+        counts = self.metrics.priority_missing
+        key = (self.direction, service)
+        n = counts.get(key)
+        if n is not None:
+            counts[key] = n + 1
+        elif len(counts) < 2048:  # names come from config, but stay bounded
+            counts[key] = 1
 
     def observe(self, ex: Exchange, seconds: float) -> None:
         source = ex.source
@@ -92,15 +109,22 @@ class Listener:
         by_destination = self._route_metrics.get(source)
         if by_destination is None:
             by_destination = self._route_metrics[source] = {}
-        rm = by_destination.get(destination)
+        by_priority = by_destination.get(destination)
+        if by_priority is None:
+            by_priority = by_destination[destination] = {}
+        try:
+            priority = ex.prio.name
+        except AttributeError:  # refused before it was classified
+            priority = "unknown"
+        rm = by_priority.get(priority)
         if rm is None:
-            rm = by_destination[destination] = self.metrics.route(
-                self.direction, source, destination
+            rm = by_priority[priority] = self.metrics.route(
+                self.direction, source, destination, priority
             )
         rm.observe(ex.status, seconds)
         if self.access:
             access_log.info(
-                '%s "%s %s HTTP/%s" %d %.1fms src=%s dst=%s rid=%s',
+                '%s "%s %s HTTP/%s" %d %.1fms src=%s dst=%s prio=%s rid=%s',
                 self.direction,
                 ex.head.method.decode(),
                 ex.head.target[:500].decode("latin-1"),
@@ -109,6 +133,7 @@ class Listener:
                 seconds * 1000,
                 ex.source or "unknown",
                 self.destination_label(ex),
+                priority,
                 ex.request_id.decode("latin-1"),
             )
 
@@ -263,6 +288,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.eof = True
         if self.parser.tunnel and self.queue:
             self.queue[-1].on_tunnel_eof()  # a half-close travels through a tunnel
+        elif self.queue and self.queue[0].started and self.queue[0].on_client_eof():
+            return False  # its request was waiting for admission: an abort
         return bool(self.queue)
 
     def pause_writing(self) -> None:

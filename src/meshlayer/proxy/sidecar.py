@@ -19,15 +19,20 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from meshlayer.config import ConfigError, Endpoint, MeshConfig, Service, load_file
 from meshlayer.config.load import parse_address
+from meshlayer.config.model import PriorityClass
+from meshlayer.config.priority import by_rank
 from meshlayer.proxy.acceptor import MeshAcceptor
 from meshlayer.proxy.admin import AdminProtocol, AdminState
+from meshlayer.proxy.admission import AdmissionControl
 from meshlayer.proxy.authz import AuthzStage
+from meshlayer.proxy.classes import ClassTable
 from meshlayer.proxy.control_client import ControlClient, ControlOptions, load_saved
 from meshlayer.proxy.control_http import parse_control_url
 from meshlayer.proxy.errors import MeshError
@@ -35,6 +40,7 @@ from meshlayer.proxy.exchange import Exchange
 from meshlayer.proxy.loop import loop_name, run
 from meshlayer.proxy.metrics import Metrics
 from meshlayer.proxy.netmarks import warn_class_marks
+from meshlayer.proxy.pool import layout_view
 from meshlayer.proxy.runtime import Router, ServiceRuntime
 from meshlayer.proxy.server import Listener
 from meshlayer.proxy.tls import MeshTls
@@ -72,6 +78,11 @@ class SidecarOptions:
     """Follow a control plane (``--control``); None: the static config only."""
     token: str = ""
     """Join token (``--token``/``MESHLAYER_TOKEN``): get a certificate, speak mTLS."""
+    priority: bool = True
+    """``--priority on``: per-class queues, pools and marks; off: FIFO, one of each."""
+    gateway: bool = False
+    """Gateway mode (``meshlayer gateway``): no app, no inbound listener; the outbound
+    listener (at ``outbound``) faces outside clients (:mod:`meshlayer.proxy.gateway`)."""
 
 
 class Sidecar:
@@ -82,15 +93,20 @@ class Sidecar:
         self.name = opts.service
         self.metrics = Metrics()
         self.config = config
-        self.router = Router(config)
+        self.router = Router(config, fifo=not opts.priority)
+        self.classes_config: dict[str, PriorityClass] = {}
+        self.classes: ClassTable
         warn_class_marks(config.priority_classes.values())
-        self.app = ServiceRuntime(self._app_service(config))
+        self.app = ServiceRuntime(
+            self._app_service(config), config.priority_classes, not opts.priority, "inbound"
+        )
         self.admin_state = AdminState(self.metrics, self._config_view)
         self.metrics.config_info.labels(config.version).set(1)
         self.metrics.config_version.set(_mesh_version(config))
         self.control: ControlClient | None = None
         self._retired: list[ServiceRuntime] = []
         self.metrics.add_state_collector(self._state)
+        self.metrics.add_admission_collector(self._admissions)
         common = {
             "sidecar": opts.service,
             "metrics": self.metrics,
@@ -115,6 +131,7 @@ class Sidecar:
         )
         self.authz = AuthzStage(opts.service, self.metrics.registry)
         self.inbound.authz = self.authz.update(config)
+        self._set_classes(config)
         self._sources: set[str] = set(config.services)
         self.tls: MeshTls | None = None
         """The identity's TLS material (with a join token): inbound and outbound mTLS."""
@@ -126,6 +143,13 @@ class Sidecar:
         self._servers: list[asyncio.Server | MeshAcceptor] = []
         self._stop = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
+
+    def _set_classes(self, config: MeshConfig) -> None:
+        """The priority classes in force, for both listeners."""
+        if config.priority_classes != self.classes_config:
+            self.classes = ClassTable(config.priority_classes)
+            self.classes_config = config.priority_classes
+        self.outbound.classes = self.inbound.classes = self.classes
 
     def _app_service(self, config: MeshConfig) -> Service:
         host, port = self.opts.app
@@ -167,6 +191,9 @@ class Sidecar:
             "admin": "{}:{}".format(*self.opts.admin),
             "loop": loop_name(),
         }
+        view["priority"] = layout_view(
+            by_rank(self.config.priority_classes.values()), self.router.fifo
+        )
         if self.control is not None:
             view["control"] = self.control.view()
         return view
@@ -177,13 +204,18 @@ class Sidecar:
             "meshlayer_endpoints": [],
             "meshlayer_upstream_in_flight": [],
             "meshlayer_upstream_pending": [],
+            "meshlayer_upstream_pool_connections": [],
         }
         for rt in [*self.router.services.values(), self.app]:
             label = (rt.name if rt is not self.app else f"{rt.name}(app)",)
             out["meshlayer_ejected_endpoints"].append((label, rt.balancer.ejected_count))
             out["meshlayer_endpoints"].append((label, len(rt.balancer.states)))
             out["meshlayer_upstream_in_flight"].append((label, rt.in_flight))
-            out["meshlayer_upstream_pending"].append((label, len(rt.pool.pending)))
+            out["meshlayer_upstream_pending"].append((label, rt.class_pools.pending_count()))
+            for pool in rt.class_pools.distinct:
+                out["meshlayer_upstream_pool_connections"].append(
+                    ((*label, pool.name), pool.connections)
+                )
         return out
 
     # -- lifecycle -------------------------------------------------------------
@@ -191,11 +223,18 @@ class Sidecar:
     async def start(self) -> None:
         """Bind all listeners; raises OSError naming the one that failed."""
         loop = asyncio.get_running_loop()
-        for what, addr, factory in (
-            ("outbound", self.opts.outbound, self.outbound.protocol),
+        binds = [
+            (
+                "listen" if self.opts.gateway else "outbound",
+                self.opts.outbound,
+                self.outbound.protocol,
+            ),
             ("inbound", self.opts.inbound, self.inbound.protocol),
             ("admin", self.opts.admin, lambda: AdminProtocol(self.admin_state)),
-        ):
+        ]
+        if self.opts.gateway:  # one listener for outside clients, and the admin one
+            del binds[1]
+        for what, addr, factory in binds:
             try:
                 server: asyncio.Server | MeshAcceptor
                 if what == "inbound" and self.tls is not None:  # sniff, mTLS, verify
@@ -213,6 +252,8 @@ class Sidecar:
             self._watch_pool(rt)
         self._sweeper = loop.create_task(self._sweep())
         self.admin_state.ready = True
+        if self.opts.gateway:
+            return  # the gateway logs its own line
         log.info(
             "sidecar %s ready: outbound %s:%d, inbound %s:%d -> app %s:%d, admin %s:%d (%s, "
             "config %s with %d services)",
@@ -230,7 +271,7 @@ class Sidecar:
         """The certificate expired: drop idle meshed connections both ways (new ones
         cannot be made until a certificate arrives)."""
         for rt in self.router.services.values():
-            rt.pool.close_idle()
+            rt.class_pools.close_idle()
         for conn in list(self.inbound.connections):
             if conn.peer_identity is not None and not conn.queue:
                 conn.close()
@@ -238,7 +279,7 @@ class Sidecar:
     def _watch_pool(self, rt: ServiceRuntime) -> None:
         name = rt.name if rt is not self.app else f"{rt.name}(app)"  # as in _state
         gauge = self.metrics.connections.labels("upstream", name)
-        rt.pool.on_change = gauge.inc
+        rt.class_pools.on_change = gauge.inc
 
     def reload(self, config: MeshConfig) -> None:
         """Switch to ``config`` between two requests; nothing in flight is dropped.
@@ -253,10 +294,15 @@ class Sidecar:
         self.router = Router(config, self.router)
         app_service = self._app_service(config)
         if app_service != self.app.service:
-            self.app = ServiceRuntime(app_service)
+            self.app = ServiceRuntime(
+                app_service, config.priority_classes, self.router.fifo, "inbound"
+            )
+        else:
+            self.app.set_classes(config.priority_classes, self.router.fifo)
         self.config = config
         warn_class_marks(config.priority_classes.values())
         self.inbound.authz = self.authz.update(config)
+        self._set_classes(config)
         if self.tls is not None:
             self.tls.mode = config.mesh.mtls_mode
         current = [*self.router.services.values(), self.app]
@@ -267,7 +313,7 @@ class Sidecar:
                 self._watch_pool(rt)
         for rt in old_runtimes:
             if id(rt) not in kept:
-                rt.pool.close_idle()
+                rt.class_pools.close_idle()
                 self._retired.append(rt)
         for name in config.services:
             if len(self._sources) < MAX_SOURCES:
@@ -282,8 +328,14 @@ class Sidecar:
 
     def _sweep_retired(self) -> None:
         for rt in self._retired:
-            rt.pool.close_idle()
-        self._retired = [rt for rt in self._retired if rt.pool.connections or rt.in_flight]
+            rt.class_pools.close_idle()
+        self._retired = [rt for rt in self._retired if rt.class_pools.connections or rt.in_flight]
+
+    def _admissions(self) -> list[tuple[str, str, AdmissionControl]]:
+        """(direction, service, admission) of each destination with a concurrency limit."""
+        out = [("outbound", rt.name, rt.admission) for rt in self.router.services.values()]
+        out.append(("inbound", self.app.name, self.app.admission))
+        return [(d, name, adm) for d, name, adm in out if adm is not None]
 
     async def _sweep(self) -> None:
         last_pool_sweep = 0.0
@@ -292,12 +344,14 @@ class Sidecar:
             now = time.monotonic()
             self.outbound.sweep(now)
             self.inbound.sweep(now)
+            for _, _, adm in self._admissions():
+                adm.tick(now)
             if self._retired:
                 self._sweep_retired()
             if now - last_pool_sweep > 5.0:
                 last_pool_sweep = now
                 for rt in [*self.router.services.values(), self.app]:
-                    rt.pool.sweep(now)
+                    rt.class_pools.sweep(now)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -313,7 +367,7 @@ class Sidecar:
         log.info("sidecar %s shutting down (grace %.1fs)", self.name, self.opts.grace)
         if self.control is not None:
             await self.control.close()  # deregister first: peers stop sending new requests
-        for server in self._servers[:2]:
+        for server in self._servers[:-1]:  # the admin listener is the last
             server.close()
         for listener in (self.outbound, self.inbound):
             listener.begin_shutdown()
@@ -329,23 +383,43 @@ class Sidecar:
                 for conn in list(listener.connections):
                     conn.abort()
         for rt in [*self.router.services.values(), self.app]:
-            rt.pool.close_idle()
+            rt.class_pools.close_idle()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        self._servers[2].close()
+        self._servers[-1].close()
         await asyncio.sleep(0)
         log.info("sidecar %s stopped", self.name)
 
 
 def options_from_args(args: argparse.Namespace) -> SidecarOptions:
     """Validate the flags; raises ConfigError naming the flag."""
+    inbound = flag_address("--inbound", args.inbound)
+    return SidecarOptions(
+        service=args.service,
+        app=flag_address("--app", args.app),
+        inbound=inbound,
+        outbound=flag_address("--outbound", args.outbound),
+        priority=getattr(args, "priority", "on") == "on",
+        **common_options(args, args.service, inbound, "sidecar"),
+    )
 
-    def addr(flag: str, value: str) -> tuple[str, int]:
-        try:
-            return parse_address(value)
-        except ValueError as exc:
-            raise ConfigError("command line", flag, str(exc)) from None
 
+def flag_address(flag: str, value: str) -> tuple[str, int]:
+    """The HOST:PORT a flag gives; raises ConfigError naming the flag."""
+    try:
+        return parse_address(value)
+    except ValueError as exc:
+        raise ConfigError("command line", flag, str(exc)) from None
+
+
+def common_options(
+    args: argparse.Namespace, service: str, listen: tuple[str, int], kind: str
+) -> dict[str, Any]:
+    """The options ``meshlayer sidecar`` and ``meshlayer gateway`` share, validated
+    (:func:`meshlayer.cli.proxyflags.add_proxy_flags` defines their flags): timeouts,
+    admin listener, access log, control plane (registered at ``listen`` unless
+    ``--advertise``; state in ``.meshlayer/<kind>-<service>``) and join token.
+    Raises ConfigError naming the flag."""
     for flag, value in (
         ("--grace", args.grace),
         ("--header-timeout", args.header_timeout),
@@ -355,7 +429,6 @@ def options_from_args(args: argparse.Namespace) -> SidecarOptions:
     ):
         if not 0 < value < float("inf"):  # argparse's float() also takes nan and inf
             raise ConfigError("command line", flag, f"must be positive and finite, got {value}")
-    inbound = addr("--inbound", args.inbound)
     control = None
     if args.control:
         try:
@@ -364,16 +437,16 @@ def options_from_args(args: argparse.Namespace) -> SidecarOptions:
         except ValueError as exc:
             raise ConfigError("command line", "--control", str(exc)) from None
         if args.advertise:
-            advertise = addr("--advertise", args.advertise)
-        elif inbound[0] in ("0.0.0.0", "::", ""):
-            advertise = ("127.0.0.1", inbound[1])
+            advertise = flag_address("--advertise", args.advertise)
+        elif listen[0] in ("0.0.0.0", "::", ""):
+            advertise = ("127.0.0.1", listen[1])
         else:
-            advertise = inbound
+            advertise = listen
         control = ControlOptions(
             url=args.control.rstrip("/"),
-            service=args.service,
+            service=service,
             advertise=advertise,
-            state_dir=Path(args.state_dir or f".meshlayer/sidecar-{args.service}"),
+            state_dir=Path(args.state_dir or f".meshlayer/{kind}-{service}"),
             ttl=args.lease_ttl,
             backoff_max=max(0.1, args.reconnect_max),
             reconnect_grace=2 * max(0.1, args.reconnect_max) + 1.0,
@@ -383,19 +456,15 @@ def options_from_args(args: argparse.Namespace) -> SidecarOptions:
     token = (args.token or os.environ.get("MESHLAYER_TOKEN", "")).strip()
     if token and control is None:
         raise ConfigError("command line", "--token", "needs --control (certificates come from it)")
-    return SidecarOptions(
-        service=args.service,
-        app=addr("--app", args.app),
-        inbound=inbound,
-        outbound=addr("--outbound", args.outbound),
-        admin=addr("--admin", args.admin),
-        grace=args.grace,
-        header_timeout=args.header_timeout,
-        idle_timeout=args.idle_timeout,
-        access_log=args.access_log,
-        control=control,
-        token=token,
-    )
+    return {
+        "admin": flag_address("--admin", args.admin),
+        "grace": args.grace,
+        "header_timeout": args.header_timeout,
+        "idle_timeout": args.idle_timeout,
+        "access_log": args.access_log,
+        "control": control,
+        "token": token,
+    }
 
 
 def _mesh_version(config: MeshConfig) -> int:
@@ -420,13 +489,16 @@ def initial_config(
 
 
 async def _main(
-    opts: SidecarOptions, config: MeshConfig, saved: dict[str, Any] | None = None
+    opts: SidecarOptions,
+    config: MeshConfig,
+    saved: dict[str, Any] | None = None,
+    factory: type[Sidecar] = Sidecar,
 ) -> int:
-    sidecar = Sidecar(opts, config)
+    sidecar = factory(opts, config)
     try:
         await sidecar.start()
     except OSError as exc:
-        print(f"meshlayer sidecar: {exc}", file=sys.stderr)
+        print(f"meshlayer {'gateway' if opts.gateway else 'sidecar'}: {exc}", file=sys.stderr)
         return 1
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -454,10 +526,21 @@ async def _main(
 
 def run_sidecar_cli(args: argparse.Namespace) -> int:
     """``meshlayer sidecar``: exit 2 on bad flags or config, nothing started."""
+    return run_cli(args, options_from_args, Sidecar, "sidecar")
+
+
+def run_cli(
+    args: argparse.Namespace,
+    options: Callable[[argparse.Namespace], SidecarOptions],
+    cls: type[Sidecar],
+    kind: str,
+) -> int:
+    """``meshlayer <kind>``: validate the flags and the config, then run ``cls`` until
+    stopped; exit 2 on bad flags or config, nothing started."""
     try:
-        opts = options_from_args(args)
+        opts = options(args)
         config, saved = initial_config(opts, args.config)
     except ConfigError as exc:
-        print(f"meshlayer sidecar: invalid config: {exc}", file=sys.stderr)
+        print(f"meshlayer {kind}: invalid config: {exc}", file=sys.stderr)
         return 2
-    return run(_main(opts, config, saved))
+    return run(_main(opts, config, saved, cls))

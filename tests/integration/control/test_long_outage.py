@@ -15,10 +15,9 @@ from tests.integration.control.test_sidecar_control import (
     endpoints_of,
     in_sync,
     route_doc,
-    wait_for,
 )
 from tests.support.control import Control, start_control
-from tests.support.procs import Cluster, run_meshlayer
+from tests.support.procs import Cluster, run_meshlayer, wait_for
 
 __all__ = ["ctl"]  # the fixture, shared with test_sidecar_control
 

@@ -9,14 +9,13 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.control import Control, service_doc, start_control
-from tests.support.procs import Cluster, Sidecar, request, run_meshlayer
+from tests.support.procs import Cluster, Sidecar, request, run_meshlayer, wait_for
 
 TTL = "1.5"
 FAST = ["--lease-ttl", TTL, "--reconnect-max", "0.5"]
@@ -25,20 +24,6 @@ FAST = ["--lease-ttl", TTL, "--reconnect-max", "0.5"]
 @pytest.fixture
 def ctl(cluster: Cluster) -> Control:
     return start_control(cluster.tmp, f"sqlite:{cluster.tmp / 'control.db'}", procs=cluster.procs)
-
-
-def wait_for(what: str, cond: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = cond()
-        except OSError:
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def config_of(sc: Sidecar) -> dict[str, Any]:

@@ -6,29 +6,43 @@ path, and nothing mutates them after the parser hands them out.
 
 from __future__ import annotations
 
+from typing import Final
+
 Headers = list[tuple[bytes, bytes]]
 
+
+def split_rows(rows: list[bytes]) -> Headers:
+    """``name: value`` rows, as llhttp accepted them, into fields: the value
+    without its leading spaces and tabs (trailing ones kept, as llhttp does)."""
+    out: Headers = []
+    for row in rows:
+        name, _, value = row.partition(b":")
+        out.append((name, value.lstrip(b" \t")))
+    return out
+
+
 # How a message's body is delimited.
-NO_BODY = 0  # no body at all
-LENGTH = 1  # Content-Length
-CHUNKED = 2  # Transfer-Encoding ending in chunked
-UNTIL_CLOSE = 3  # responses only: read until the connection closes
+NO_BODY: Final = 0  # no body at all
+LENGTH: Final = 1  # Content-Length
+CHUNKED: Final = 2  # Transfer-Encoding ending in chunked
+UNTIL_CLOSE: Final = 3  # responses only: read until the connection closes
 
 
 class RequestHead:
     """A request line and header section, validated."""
 
     __slots__ = (
+        "_headers",
         "conn_tokens",
         "content_length",
         "expect_continue",
         "framing",
-        "headers",
         "host",
         "keep_alive",
         "lines",
         "method",
         "picked",
+        "rows",
         "target",
         "transfer_encoding",
         "upgrade",
@@ -43,13 +57,16 @@ class RequestHead:
     """Values of the parser's watched fields by lower-cased name (repeats joined by ", ")."""
     conn_tokens: frozenset[bytes]
     """Field names listed in Connection other than close, keep-alive and upgrade."""
+    rows: list[bytes]
+    """The header section's lines as received (``name:`` OWS ``value``), from
+    which ``headers`` is made when first asked for."""
 
     def __init__(
         self,
         method: bytes,
         target: bytes,
         version: bytes,
-        headers: Headers,
+        headers: Headers | None,
         keep_alive: bool,
         framing: int,
         content_length: int,
@@ -64,8 +81,7 @@ class RequestHead:
         """Request target as sent: origin-form, absolute-form or ``*``."""
         self.version = version
         """``b"1.1"`` or ``b"1.0"``."""
-        self.headers = headers
-        """Header fields in order, names as sent."""
+        self._headers = headers
         self.keep_alive = keep_alive
         """The client allows the connection to be reused after this exchange."""
         self.framing = framing
@@ -83,6 +99,16 @@ class RequestHead:
         self.lines = []
         self.picked = {}
         self.conn_tokens = frozenset()
+        self.rows = []
+
+    @property
+    def headers(self) -> Headers:
+        """Header fields in order, names as sent (made from ``rows`` on first use:
+        the proxy's own path reads ``lines`` and ``picked`` instead)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = split_rows(self.rows)
+        return headers
 
     def __repr__(self) -> str:
         return f"RequestHead({self.method!r}, {self.target!r}, framing={self.framing})"
@@ -92,13 +118,14 @@ class ResponseHead:
     """A status line and header section, validated."""
 
     __slots__ = (
+        "_headers",
         "conn_tokens",
         "content_length",
         "framing",
-        "headers",
         "keep_alive",
         "lines",
         "reason",
+        "rows",
         "status",
         "transfer_encoding",
         "version",
@@ -109,7 +136,7 @@ class ResponseHead:
         status: int,
         reason: bytes,
         version: bytes,
-        headers: Headers,
+        headers: Headers | None,
         keep_alive: bool,
         framing: int,
         content_length: int,
@@ -121,8 +148,7 @@ class ResponseHead:
         """Reason phrase as sent."""
         self.version = version
         """``b"1.1"`` or ``b"1.0"``."""
-        self.headers = headers
-        """Header fields in order."""
+        self._headers = headers
         self.keep_alive = keep_alive
         """The server allows the connection to be reused."""
         self.framing = framing
@@ -136,6 +162,16 @@ class ResponseHead:
         """End-to-end header lines, as in RequestHead."""
         self.conn_tokens: frozenset[bytes] = frozenset()
         """Extra field names listed in Connection, as in RequestHead."""
+        self.rows: list[bytes] = []
+        """The header section's lines as received, as in RequestHead."""
+
+    @property
+    def headers(self) -> Headers:
+        """Header fields in order (made from ``rows`` on first use)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = split_rows(self.rows)
+        return headers
 
     def __repr__(self) -> str:
         return f"ResponseHead({self.status}, framing={self.framing})"

@@ -12,20 +12,22 @@ names are classified every time, never stored.
 
 from __future__ import annotations
 
+from typing import Final
+
 from meshlayer.proxy.codec.serialize import CLASSIFY, CONNECTION
 
 # Kinds. PLAIN fields travel end to end as they are; DROP fields never do.
-PLAIN = 0
-DROPPED = 1
-CONN = 2  # Connection: its tokens name more fields to drop
-CLEN = 3  # Content-Length
-TE = 4  # Transfer-Encoding
-UPGRADE = 5  # Upgrade (requests only; a response's is hop-by-hop)
-HOST = 6  # Host (requests only): end to end, but counted and remembered
-EXPECT = 7  # Expect (requests only): end to end, 100-continue remembered
-WATCHED = 8  # one of the caller's watched names: handed out apart
+PLAIN: Final = 0
+DROPPED: Final = 1
+CONN: Final = 2  # Connection: its tokens name more fields to drop
+CLEN: Final = 3  # Content-Length
+TE: Final = 4  # Transfer-Encoding
+UPGRADE: Final = 5  # Upgrade (requests only; a response's is hop-by-hop)
+HOST: Final = 6  # Host (requests only): end to end, but counted and remembered
+EXPECT: Final = 7  # Expect (requests only): end to end, 100-continue remembered
+WATCHED: Final = 8  # one of the caller's watched names: handed out apart
 
-MAX_CACHED = 512
+MAX_CACHED: Final = 512
 
 
 class KindTable:

@@ -11,12 +11,31 @@ list of events per ``feed``. A ProtocolError is returned as the last event of
 the feed that found it, after the events that preceded it, so a pipelined
 good request is still answered before the bad one is refused; after it the
 parser accepts nothing more.
+
+Two ways to receive a head, one contract (``blocks``, chosen by how the
+module runs; the tests run both against llhttp's own field-by-field view):
+
+* field by field (interpreted, the default there): llhttp calls
+  ``on_header`` per field and the parser classifies each as it comes. In
+  CPython httptools' C splitting plus one call per field is the cheapest;
+* in one block (compiled by mypyc, the default there): llhttp is given no
+  ``on_header`` (nor ``on_url``, ``on_message_begin``), calls Python once per
+  head, and the parser splits the head block itself (see ``block``): a call
+  from C into compiled code costs more than the splitting. Every byte still
+  goes through llhttp, all of a feed in one call; the parser keeps ``_mark``,
+  where in the current feed the next head starts, from what it knows of each
+  message's framing (``chunked`` follows chunked bodies and finds their
+  trailers), and keeps the first bytes of a head that is not complete yet.
 """
 
 from __future__ import annotations
 
+from typing import Final
+
 import httptools
 
+from meshlayer.proxy.codec.block import Callbacks, native, take_head
+from meshlayer.proxy.codec.chunked import TOO_LARGE, ChunkedEnd
 from meshlayer.proxy.codec.errors import ProtocolError
 from meshlayer.proxy.codec.events import (
     CHUNKED,
@@ -28,6 +47,7 @@ from meshlayer.proxy.codec.events import (
     Headers,
     RequestHead,
     TunnelData,
+    split_rows,
 )
 from meshlayer.proxy.codec.fields import (
     CLEN,
@@ -42,11 +62,24 @@ from meshlayer.proxy.codec.fields import (
 )
 from meshlayer.proxy.codec.serialize import named_by_connection
 
-MAX_HEADER_BYTES = 60 * 1024
-MAX_HEADERS = 100
-MAX_TARGET = 8 * 1024
+MAX_HEADER_BYTES: Final = 60 * 1024
+MAX_HEADERS: Final = 100
+MAX_TARGET: Final = 8 * 1024
 
-_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}  # by llhttp's version string
+_VERSIONS_B: Final = {b"1.1": b"1.1", b"1.0": b"1.0"}  # by the request line's last 3 bytes
+
+
+def _probe() -> None:
+    """A native function when this module is compiled (see ``block.native``)."""
+
+
+_NATIVE: Final = native(_probe)
+
+# What the bytes after ``_mark`` belong to.
+_HEAD: Final = 0  # the next head (or blank lines before it)
+_LENGTH: Final = 1  # a Content-Length body, ``_left`` bytes of it
+_CHUNKED: Final = 2  # a chunked body, followed by ``_chunks``
 
 
 class RequestParser:
@@ -58,9 +91,13 @@ class RequestParser:
     """
 
     __slots__ = (
+        "_blocks",
+        "_carry",
         "_chunked",
+        "_chunks",
         "_clen",
         "_conn_tokens",
+        "_data",
         "_events",
         "_expect",
         "_head_bytes",
@@ -72,12 +109,15 @@ class RequestParser:
         "_in_trailers",
         "_kind_of",
         "_kinds",
+        "_left",
         "_lines",
+        "_mark",
         "_max_header_bytes",
         "_max_headers",
         "_parser",
         "_picked",
         "_raised",
+        "_state",
         "_te",
         "_trailers",
         "_upgrade",
@@ -92,19 +132,40 @@ class RequestParser:
         max_header_bytes: int = MAX_HEADER_BYTES,
         max_headers: int = MAX_HEADERS,
         watch: frozenset[bytes] = frozenset(),
+        blocks: bool | None = None,
     ) -> None:
         """``watch``: lower-cased field names to hand out in ``RequestHead.picked``
-        instead of ``lines`` (fields the caller rewrites)."""
+        instead of ``lines`` (fields the caller rewrites). ``blocks``: take each
+        head in one block rather than field by field (default: when compiled)."""
         self._watch = watch
         self._kinds = kind_table(True, watch)
         self._kind_of = self._kinds.kinds
-        self._parser = httptools.HttpRequestParser(self)
+        self._blocks = _NATIVE if blocks is None else blocks
+        cb = Callbacks()
+        cb.on_body = self.on_body
+        if self._blocks:  # llhttp calls back once per head
+            cb.on_headers_complete = self._block_head
+            cb.on_message_complete = self._block_end
+        else:
+            cb.on_message_begin = self._field_begin
+            cb.on_url = self._field_url
+            cb.on_header = self._field
+            cb.on_headers_complete = self._field_head
+            cb.on_message_complete = self._field_end
+        self._parser = httptools.HttpRequestParser(cb)
         self._max_header_bytes = max_header_bytes
         self._max_headers = max_headers
         self._events: list[object] = []
         self._raised: ProtocolError | None = None
         self.error: ProtocolError | None = None
         self.tunnel = False
+        self._data = b""
+        self._mark = 0
+        self._carry = bytearray()
+        self._state = _HEAD
+        self._left = 0
+        self._chunks: ChunkedEnd | None = None
+        self._head_bytes = 0
         self._in_head = False
         self._reset_message()
 
@@ -129,7 +190,7 @@ class RequestParser:
     @property
     def in_head(self) -> bool:
         """A request head has started but is not complete (header-read timer runs)."""
-        return self._in_head
+        return len(self._carry) > 0 if self._blocks else self._in_head
 
     def feed(self, data: bytes) -> list[object]:
         """Parse ``data``; return the events it completes."""
@@ -138,6 +199,8 @@ class RequestParser:
         if self.error is not None:
             return []
         events = self._events = []
+        if self._blocks:
+            return self._feed_blocks(data, events)
         was_in_head = self._in_head
         try:
             self._parser.feed_data(data)
@@ -159,22 +222,79 @@ class RequestParser:
             events.append(self.error)
         return events
 
+    def _feed_blocks(self, data: bytes, events: list[object]) -> list[object]:
+        self._data = data
+        self._mark = 0
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.tunnel = True
+            rest = data[exc.args[0] :]
+            if rest:
+                events.append(TunnelData(rest))
+            return events
+        except httptools.HttpParserError as exc:
+            err = self._raised or ProtocolError(400, _reason(exc))
+            self.error = err
+            events.append(err)
+            return events
+        finally:
+            self._data = b""  # a read buffer is not kept past its feed
+        mark = self._mark
+        if mark < len(data):
+            state = self._state
+            if state == _HEAD:
+                self._keep_head(data, mark)
+            elif state == _LENGTH:
+                self._left -= len(data) - mark
+            else:
+                self._follow_chunks(data, mark)
+        return events
+
+    def _keep_head(self, data: bytes, mark: int) -> None:
+        """Keep the start of a head that is not complete yet, within the limits."""
+        carry = self._carry
+        if carry:
+            carry += data[mark:] if mark else data
+        else:
+            while mark < len(data) and data[mark] in (13, 10):
+                mark += 1  # blank lines between messages: llhttp skips them
+            carry += data[mark:] if mark else data
+        if len(carry) > MAX_TARGET and _target_length(carry) > MAX_TARGET:
+            self._error(ProtocolError(414, "request target too long"))
+        elif len(carry) > self._max_header_bytes:
+            # A single enormous header line never completes: bound it here.
+            self._error(ProtocolError(431, "request header section too large"))
+
+    def _follow_chunks(self, data: bytes, mark: int) -> None:
+        chunks = self._chunks
+        assert chunks is not None
+        end = chunks.advance(data, mark, self._max_header_bytes - self._head_bytes)
+        if end == TOO_LARGE:
+            self._error(ProtocolError(431, "trailer section too large"))
+        elif end != -1:
+            self._error(ProtocolError(400, "chunked body framing not understood"))
+
+    def _error(self, err: ProtocolError) -> None:
+        self.error = err
+        self._events.append(err)
+
     def _fail(self, status: int, reason: str) -> ProtocolError:
         self._raised = ProtocolError(status, reason)
         return self._raised
 
-    # -- llhttp callbacks -------------------------------------------------
+    # -- llhttp callbacks, field by field ---------------------------------
 
-    def on_message_begin(self) -> None:
+    def _field_begin(self) -> None:
         self._reset_message()
         self._in_head = True
 
-    def on_url(self, url: bytes) -> None:
+    def _field_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > MAX_TARGET:
             raise self._fail(414, "request target too long")
 
-    def on_header(self, name: bytes, value: bytes) -> None:
+    def _field(self, name: bytes, value: bytes) -> None:
         if self._in_trailers:
             if self._trailers is None:
                 self._trailers = []
@@ -218,7 +338,7 @@ class RequestParser:
             if value.lower() == b"100-continue":
                 self._expect = True
 
-    def on_headers_complete(self) -> None:
+    def _field_head(self) -> None:
         p = self._parser
         self._in_head = False
         version = _VERSIONS.get(p.get_http_version())
@@ -257,14 +377,174 @@ class RequestParser:
         head.conn_tokens = self._conn_tokens
         self._events.append(head)
 
-    def on_body(self, body: bytes) -> None:
-        self._events.append(Body(body))
-
-    def on_message_complete(self) -> None:
+    def _field_end(self) -> None:
         trailers = self._trailers
         self._events.append(END if trailers is None else EndOfMessage(trailers))
         self._trailers = None
         self._in_trailers = False
+
+    # -- llhttp callbacks, in blocks ----------------------------------------
+
+    def _block_head(self) -> None:
+        data = self._data
+        mark = self._mark
+        if self._carry or data[mark] == 13 or data[mark] == 10:
+            block, self._mark = take_head(self._carry, data, mark)
+            self._carry.clear()
+        else:  # the usual case: the whole head is in this feed, from ``mark``
+            end = self._mark = data.find(b"\r\n\r\n", mark) + 4
+            block = data if mark == 0 and end == len(data) else data[mark:end]
+        rows = block.split(b"\r\n")  # start line, fields, then "" and "" (the empty line)
+        line = rows[0]
+        rows = rows[1:-2]
+        sp = 0
+        while line[sp] != 32:
+            sp += 1
+        method = line[:sp]
+        n = len(line)  # llhttp accepted "METHOD SP target SP HTTP/x.y": n >= 12
+        target = line[sp + 1 : n - 9 if line[n - 9] == 32 else line.rfind(b" ")]
+        if target[:1] == b" ":
+            target = target.lstrip(b" ")  # llhttp allows more spaces after the method
+        if len(target) > MAX_TARGET:
+            raise self._fail(414, "request target too long")
+        if len(rows) > self._max_headers:
+            raise self._fail(431, f"more than {self._max_headers} header fields")
+        size = self._head_bytes = len(block) - len(line) - 4
+        if size > self._max_header_bytes:
+            raise self._fail(431, "request header section too large")
+        version = _VERSIONS_B.get(line[-3:])
+        if version is None:
+            raise self._fail(505, f"HTTP version {self._parser.get_http_version()} not supported")
+        if method == b"CONNECT":
+            raise self._fail(405, "CONNECT is not supported")
+        lines: list[bytes] = []
+        picked: dict[bytes, bytes] = {}
+        conn_tokens: frozenset[bytes] = frozenset()
+        hosts = 0
+        host: bytes | None = None
+        clen = -1
+        te = b""
+        upgrade: bytes | None = None
+        expect = False
+        kind_of = self._kind_of
+        for row in rows:
+            # Split at the first colon by index: compiled, bytes methods are slow
+            # generic calls. ``canon``: the row is "name: value" with a single space.
+            i = 0
+            while row[i] != 58:
+                i += 1
+            name = row[:i]
+            n = len(row)
+            canon = i + 1 < n and row[i + 1] == 32
+            if canon and i + 2 < n:
+                c = row[i + 2]
+                canon = c != 32 and c != 9
+            kind = kind_of.get(name)
+            if kind is None:
+                kind = self._kinds.classify(name)
+            if kind == PLAIN:
+                # forwarded as it came when usual, else rewritten as llhttp cuts values
+                lines.append(row if canon else name + b": " + row[i + 1 :].lstrip(b" \t"))
+                continue
+            value = row[i + 2 :] if canon else row[i + 1 :].lstrip(b" \t")
+            if kind == HOST:
+                lines.append(name + b": " + value)
+                hosts += 1
+                host = value
+            elif kind == WATCHED:
+                lname = name.lower()
+                old = picked.get(lname)
+                picked[lname] = value if old is None else old + b", " + value
+            elif kind == CLEN:
+                clen = int(value)  # llhttp has checked it is digits only, and single
+            elif kind == TE:
+                te = value
+            elif kind == UPGRADE:
+                upgrade = value
+            elif kind == CONN:
+                named = named_by_connection(value)
+                if named:
+                    conn_tokens |= named
+            elif kind == EXPECT:
+                lines.append(name + b": " + value)
+                if value.lower() == b"100-continue":
+                    expect = True
+        if hosts > 1:
+            raise self._fail(400, "more than one Host header")
+        if hosts == 0 and version == b"1.1":
+            raise self._fail(400, "HTTP/1.1 request without Host")
+        if te:
+            framing, length = CHUNKED, 0  # llhttp ensured the last coding is chunked
+            self._state = _CHUNKED
+            self._chunks = ChunkedEnd()
+        elif clen > 0:
+            framing, length = LENGTH, clen
+            self._state = _LENGTH
+            self._left = clen
+        else:
+            framing, length = NO_BODY, 0
+        p = self._parser
+        head = RequestHead(
+            method,
+            target,
+            version,
+            None,
+            p.should_keep_alive(),
+            framing,
+            length,
+            te,
+            host,
+            upgrade if upgrade is not None and p.should_upgrade() else None,
+            expect,
+        )
+        head.rows = rows
+        head.lines = lines
+        head.picked = picked
+        head.conn_tokens = conn_tokens
+        self._events.append(head)
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Body(body))
+
+    def _block_end(self) -> None:
+        state = self._state
+        self._state = _HEAD
+        if state == _HEAD:
+            self._events.append(END)
+        elif state == _LENGTH:
+            self._mark += self._left
+            self._left = 0
+            self._events.append(END)
+        else:
+            self._end_chunks()
+
+    def _end_chunks(self) -> None:
+        chunks = self._chunks
+        assert chunks is not None
+        self._chunks = None
+        end = chunks.advance(self._data, self._mark, self._max_header_bytes - self._head_bytes)
+        if end == TOO_LARGE:
+            raise self._fail(431, "trailer section too large")
+        if end < 0:
+            raise self._fail(400, "chunked body framing not understood")
+        self._mark = end
+        if chunks.trailers:
+            self._events.append(EndOfMessage(split_rows(chunks.trailers.split(b"\r\n")[:-1])))
+        else:
+            self._events.append(END)
+
+
+def _target_length(head: bytearray) -> int:
+    """The length of the request target so far in an incomplete head."""
+    eol = head.find(b"\r\n")
+    line = head if eol < 0 else head[:eol]
+    sp = line.find(b" ")
+    if sp < 0:
+        return 0
+    while sp < len(line) and line[sp] == 32:
+        sp += 1
+    end = line.find(b" ", sp)
+    return (len(line) if end < 0 else end) - sp
 
 
 def _reason(exc: Exception) -> str:

@@ -12,12 +12,22 @@ or framing llhttp refuses, or a Transfer-Encoding that does not end in
 ``chunked``, give a ProtocolError with status 502: the connection must not be
 reused. A response with neither Content-Length nor chunked is delimited by
 the connection closing: ``feed_eof`` ends it.
+
+As in ``request``, heads come field by field (interpreted) or in one block
+(compiled): then llhttp is given no ``on_header`` (nor ``on_status``,
+``on_message_begin``) and the head block is split as in ``block``; ``_mark``
+follows the framing, so bytes left after the final response (other than
+blank lines) are refused as a second response.
 """
 
 from __future__ import annotations
 
+from typing import Final
+
 import httptools
 
+from meshlayer.proxy.codec.block import Callbacks, native, take_head
+from meshlayer.proxy.codec.chunked import TOO_LARGE, ChunkedEnd
 from meshlayer.proxy.codec.errors import ProtocolError
 from meshlayer.proxy.codec.events import (
     CHUNKED,
@@ -30,24 +40,43 @@ from meshlayer.proxy.codec.events import (
     Headers,
     ResponseHead,
     TunnelData,
+    split_rows,
 )
 from meshlayer.proxy.codec.fields import CLEN, CONN, PLAIN, TE, kind_table
 from meshlayer.proxy.codec.request import MAX_HEADER_BYTES, MAX_HEADERS
 from meshlayer.proxy.codec.serialize import named_by_connection
 
-_KINDS = kind_table(False)
-_KIND_OF = _KINDS.kinds
+_KINDS: Final = kind_table(False)
+_KIND_OF: Final = _KINDS.kinds
 
-_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}  # by llhttp's version string
+_VERSIONS_B: Final = {b"1.1": b"1.1", b"1.0": b"1.0"}  # by the 3 bytes before the first space
+
+
+def _probe() -> None:
+    """A native function when this module is compiled (see ``block.native``)."""
+
+
+_NATIVE: Final = native(_probe)
+
+# What the bytes after ``_mark`` belong to.
+_HEAD: Final = 0  # the next head (or blank lines before it)
+_LENGTH: Final = 1  # a Content-Length body, ``_left`` bytes of it
+_CHUNKED: Final = 2  # a chunked body, followed by ``_chunks``
+_TO_CLOSE: Final = 3  # a body delimited by the connection closing
 
 
 class ResponseParser:
     """Bytes in, response events out, for one exchange at a time."""
 
     __slots__ = (
+        "_blocks",
         "_buf",
+        "_carry",
+        "_chunks",
         "_clen",
         "_conn_tokens",
+        "_data",
         "_events",
         "_expecting",
         "_head_bytes",
@@ -55,10 +84,15 @@ class ResponseParser:
         "_headers",
         "_in_body",
         "_in_trailers",
+        "_keep_alive",
+        "_left",
         "_lines",
+        "_mark",
         "_parser",
         "_raised",
         "_reason",
+        "_state",
+        "_status",
         "_te",
         "_trailers",
         "done",
@@ -66,18 +100,44 @@ class ResponseParser:
         "tunnel",
     )
 
-    def __init__(self) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+    def __init__(self, blocks: bool | None = None) -> None:
+        """``blocks``: take each head in one block rather than field by field
+        (default: when compiled)."""
+        self._blocks = _NATIVE if blocks is None else blocks
+        self._parser = self._new_parser()
         self._events: list[object] = []
         self._raised: ProtocolError | None = None
         self._expecting = False
         self._head_request = False
         self._buf = b""
-        self._in_body = False
         self.error: ProtocolError | None = None
         self.tunnel = False
         self.done = False
+        self._data = b""
+        self._mark = 0
+        self._carry = bytearray()
+        self._state = _HEAD
+        self._left = 0
+        self._chunks: ChunkedEnd | None = None
+        self._head_bytes = 0
+        self._status = 0
+        self._keep_alive = False
+        self._in_body = False
         self._reset_message()
+
+    def _new_parser(self) -> httptools.HttpResponseParser:
+        cb = Callbacks()
+        cb.on_body = self.on_body
+        if self._blocks:  # llhttp calls back once per head
+            cb.on_headers_complete = self._block_head
+            cb.on_message_complete = self._block_end
+        else:
+            cb.on_message_begin = self._field_begin
+            cb.on_status = self._field_status
+            cb.on_header = self._field
+            cb.on_headers_complete = self._field_head
+            cb.on_message_complete = self._field_end
+        return httptools.HttpResponseParser(cb)
 
     def _reset_message(self) -> None:
         self._headers: Headers = []
@@ -99,6 +159,8 @@ class ResponseParser:
     @property
     def until_close(self) -> bool:
         """The current response's body ends when the connection closes."""
+        if self._blocks:
+            return self._state == _TO_CLOSE
         return self._in_body and self._clen < 0 and not self._te
 
     def feed(self, data: bytes) -> list[object]:
@@ -113,6 +175,21 @@ class ResponseParser:
         if self._head_request:
             self._buf += data
             return self._feed_head_only()
+        if not self._blocks:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                self.tunnel = True
+                rest = data[exc.args[0] :]
+                if rest:
+                    events.append(TunnelData(rest))
+            except httptools.HttpParserError as exc:
+                return self._error(
+                    self._raised or ProtocolError(502, f"bad upstream response: {exc}")
+                )
+            return events
+        self._data = data
+        self._mark = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -120,9 +197,45 @@ class ResponseParser:
             rest = data[exc.args[0] :]
             if rest:
                 events.append(TunnelData(rest))
+            return events
         except httptools.HttpParserError as exc:
             return self._error(self._raised or ProtocolError(502, f"bad upstream response: {exc}"))
+        finally:
+            self._data = b""  # a read buffer is not kept past its feed
+        mark = self._mark
+        if mark < len(data):
+            state = self._state
+            if state == _HEAD:
+                self._keep_head(data, mark)
+            elif state == _LENGTH:
+                self._left -= len(data) - mark
+            elif state == _CHUNKED:
+                self._follow_chunks(data, mark)
         return events
+
+    def _keep_head(self, data: bytes, mark: int) -> None:
+        """Keep the start of a head that is not complete yet, within the limit."""
+        carry = self._carry
+        if not carry:
+            while mark < len(data) and data[mark] in (13, 10):
+                mark += 1  # blank lines after a message: llhttp skips them
+            if mark == len(data):
+                return
+            if not self._expecting:
+                self._error(ProtocolError(502, "upstream sent a second response"))
+                return
+        carry += data[mark:] if mark else data
+        if len(carry) > MAX_HEADER_BYTES:
+            self._error(ProtocolError(502, "upstream header section too large"))
+
+    def _follow_chunks(self, data: bytes, mark: int) -> None:
+        chunks = self._chunks
+        assert chunks is not None
+        end = chunks.advance(data, mark, MAX_HEADER_BYTES - self._head_bytes)
+        if end == TOO_LARGE:
+            self._error(ProtocolError(502, "upstream header section too large"))
+        elif end != -1:
+            self._error(ProtocolError(502, "upstream chunked framing not understood"))
 
     def _feed_head_only(self) -> list[object]:
         events = self._events
@@ -133,12 +246,16 @@ class ResponseParser:
                     return self._error(ProtocolError(502, "upstream header section too large"))
                 return events
             head, self._buf = self._buf[: end + 4], self._buf[end + 4 :]
+            self._data = head
+            self._mark = 0
             try:
                 self._parser.feed_data(head)
             except httptools.HttpParserError as exc:
                 return self._error(
                     self._raised or ProtocolError(502, f"bad upstream response: {exc}")
                 )
+            finally:
+                self._data = b""
         if self._buf:
             return self._error(ProtocolError(502, "upstream sent a body in a response to HEAD"))
         return events
@@ -149,8 +266,9 @@ class ResponseParser:
             return []
         self._events = []
         if self.until_close:
+            self._state = _HEAD
             self._in_body = False
-            self._finish(keep_alive=False)
+            self._finish(False, self._trailers)
             return self._events
         if self._expecting:
             return self._error(ProtocolError(502, "upstream closed before the response ended"))
@@ -165,25 +283,24 @@ class ResponseParser:
         self._raised = ProtocolError(502, reason)
         return self._raised
 
-    def _finish(self, keep_alive: bool) -> None:
-        trailers = self._trailers
-        self._events.append(END if trailers is None else EndOfMessage(trailers))
+    def _finish(self, keep_alive: bool, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        self._events.append(END if not trailers else EndOfMessage(trailers))
         self._expecting = False
         self.done = True
         if not keep_alive:
             self.error = ProtocolError(502, "connection not reusable")
 
-    # -- llhttp callbacks -------------------------------------------------
+    # -- llhttp callbacks, field by field ---------------------------------
 
-    def on_message_begin(self) -> None:
+    def _field_begin(self) -> None:
         if not self._expecting:
             raise self._fail("upstream sent a second response")
         self._reset_message()
 
-    def on_status(self, reason: bytes) -> None:
+    def _field_status(self, reason: bytes) -> None:
         self._reason += reason
 
-    def on_header(self, name: bytes, value: bytes) -> None:
+    def _field(self, name: bytes, value: bytes) -> None:
         size = self._head_bytes = self._head_bytes + len(name) + len(value) + 4
         if size > MAX_HEADER_BYTES:
             raise self._fail("upstream header section too large")
@@ -210,7 +327,7 @@ class ResponseParser:
             if named:
                 self._conn_tokens |= named
 
-    def on_headers_complete(self) -> None:
+    def _field_head(self) -> None:
         p = self._parser
         status = p.get_status_code()
         version = _VERSIONS.get(p.get_http_version())
@@ -245,13 +362,12 @@ class ResponseParser:
         self._events.append(head)
         if self._head_request and not (100 <= status < 200):
             # llhttp would wait for a body: end the message here and start afresh.
-            self._finish(keep_alive)
-            self._parser = httptools.HttpResponseParser(self)
+            self._finish(keep_alive, None)
+            self._parser = self._new_parser()
 
-    def on_body(self, body: bytes) -> None:
-        self._events.append(Body(body))
-
-    def on_message_complete(self) -> None:
+    def _field_end(self) -> None:
+        if not self._expecting:
+            return  # a response to HEAD, already ended in _field_head
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             return  # an interim response: the final one follows
@@ -259,4 +375,143 @@ class ResponseParser:
             self._expecting = False
             self.done = True
             return
-        self._finish(self._parser.should_keep_alive())
+        trailers = self._trailers
+        self._trailers = None
+        self._in_trailers = False
+        self._finish(self._parser.should_keep_alive(), trailers)
+
+    # -- llhttp callbacks, in blocks ----------------------------------------
+
+    def _block_head(self) -> None:
+        if not self._expecting:
+            raise self._fail("upstream sent a second response")
+        data = self._data
+        mark = self._mark
+        if self._carry or data[mark] == 13 or data[mark] == 10:
+            block, self._mark = take_head(self._carry, data, mark)
+            self._carry.clear()
+        else:  # the usual case: the whole head is in this feed, from ``mark``
+            end = self._mark = data.find(b"\r\n\r\n", mark) + 4
+            block = data if mark == 0 and end == len(data) else data[mark:end]
+        rows = block.split(b"\r\n")  # status line, fields, then "" and "" (the empty line)
+        line = rows[0]
+        rows = rows[1:-2]
+        size = self._head_bytes = len(block) - len(line) - 4
+        if size > MAX_HEADER_BYTES:
+            raise self._fail("upstream header section too large")
+        if len(rows) > MAX_HEADERS:
+            raise self._fail(f"upstream sent more than {MAX_HEADERS} header fields")
+        p = self._parser
+        # "HTTP/1.1 200 reason": the version, then three digits (llhttp checked them)
+        sp = 0
+        while line[sp] != 32:
+            sp += 1
+        status = (line[sp + 1] - 48) * 100 + (line[sp + 2] - 48) * 10 + line[sp + 3] - 48
+        self._status = status
+        version = _VERSIONS_B.get(line[sp - 3 : sp])
+        if version is None:
+            raise self._fail(f"upstream HTTP version {p.get_http_version()} not supported")
+        lines: list[bytes] = []
+        conn_tokens: frozenset[bytes] = frozenset()
+        clen = -1
+        te = b""
+        for row in rows:
+            # As in request.py: by index; ``canon``: "name: value", one space.
+            i = 0
+            while row[i] != 58:
+                i += 1
+            name = row[:i]
+            n = len(row)
+            canon = i + 1 < n and row[i + 1] == 32
+            if canon and i + 2 < n:
+                c = row[i + 2]
+                canon = c != 32 and c != 9
+            kind = _KIND_OF.get(name)
+            if kind is None:
+                kind = _KINDS.classify(name)
+            if kind == PLAIN:
+                # forwarded as it came when usual, else rewritten as llhttp cuts values
+                lines.append(row if canon else name + b": " + row[i + 1 :].lstrip(b" \t"))
+                continue
+            value = row[i + 2 :] if canon else row[i + 1 :].lstrip(b" \t")
+            if kind == CLEN:
+                clen = int(value)
+            elif kind == TE:
+                te = value
+            elif kind == CONN:
+                named = named_by_connection(value)
+                if named:
+                    conn_tokens |= named
+        if te and not te.lower().rstrip(b" \t").endswith(b"chunked"):
+            raise self._fail("upstream Transfer-Encoding does not end in chunked")
+        keep_alive = self._keep_alive = p.should_keep_alive()
+        head_request = self._head_request
+        if 100 <= status < 200 or status in (204, 304) or head_request:
+            framing, length = NO_BODY, clen
+        elif te:
+            framing, length = CHUNKED, 0
+            self._state = _CHUNKED
+            self._chunks = ChunkedEnd()
+        elif clen >= 0:
+            framing, length = LENGTH, clen
+            self._state = _LENGTH
+            self._left = clen
+        else:
+            framing, length = UNTIL_CLOSE, 0
+            keep_alive = False
+            self._state = _TO_CLOSE
+        head = ResponseHead(
+            status,
+            line[sp + 5 :],
+            version,
+            None,
+            keep_alive,
+            framing,
+            length,
+            te,
+        )
+        head.rows = rows
+        head.lines = lines
+        head.conn_tokens = conn_tokens
+        self._events.append(head)
+        if head_request and not (100 <= status < 200):
+            # llhttp would wait for a body: end the message here and start afresh.
+            self._finish(keep_alive, None)
+            self._parser = self._new_parser()
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Body(body))
+
+    def _block_end(self) -> None:
+        if not self._expecting:
+            return  # a response to HEAD, already ended in _block_head
+        state = self._state
+        self._state = _HEAD
+        trailers: list[tuple[bytes, bytes]] | None = None
+        if state == _LENGTH:
+            self._mark += self._left
+            self._left = 0
+        elif state == _CHUNKED:
+            trailers = self._end_chunks()
+        status = self._status
+        if 100 <= status < 200 and status != 101:
+            return  # an interim response: the final one follows
+        if status == 101:
+            self._expecting = False
+            self.done = True
+            return
+        self._finish(self._keep_alive, trailers)
+
+    def _end_chunks(self) -> list[tuple[bytes, bytes]] | None:
+        chunks = self._chunks
+        assert chunks is not None
+        self._chunks = None
+        end = chunks.advance(self._data, self._mark, MAX_HEADER_BYTES - self._head_bytes)
+        if end == TOO_LARGE:
+            raise self._fail("upstream header section too large")
+        if end < 0:
+            raise self._fail("upstream chunked framing not understood")
+        self._mark = end
+        if not chunks.trailers:
+            return None
+        return split_rows(chunks.trailers.split(b"\r\n")[:-1])

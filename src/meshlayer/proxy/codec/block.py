@@ -1,0 +1,88 @@
+"""The header block in one piece: where a head ends, when llhttp says it has.
+
+Theory of operation: httptools calls Python once per header field when its
+protocol object has an ``on_header`` method, and not at all when it has none;
+llhttp validates the head just the same either way (the strictness lives in
+its state machine, not in the callbacks). So the parsers give httptools no
+``on_header`` (nor ``on_url``, ``on_status``, ``on_message_begin``): llhttp
+checks every byte of the head and calls ``on_headers_complete`` once, and the
+parser then takes the head block it already holds, which llhttp has just
+accepted, splits it into rows with one ``split`` and classifies the rows by
+name itself.
+
+Because llhttp accepted the block, its shape is known: a start line, then
+``name ":" OWS value CRLF`` rows with token names and values free of CR and
+LF (obs-fold and bare CR/LF are refused), then an empty line: the first
+CRLF CRLF after the start. Values are cut as llhttp cuts them: leading spaces
+and tabs dropped, trailing ones kept.
+
+The row loop is written for both ways the parsers run: interpreted, a C
+method (``bytes.find``) beats any index loop; compiled by mypyc, the index
+loop is a few machine instructions per byte while ``bytes.find`` is a generic
+method call costing a thousand. ``native`` tells a module which way it runs.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Final
+
+END: Final = b"\r\n\r\n"
+"""The end of a header (or trailer) section."""
+
+
+def native(probe: Callable[[], None]) -> bool:
+    """Whether ``probe``, a module-level function, was compiled (mypyc makes
+    module functions native builtins rather than Python functions)."""
+    return not isinstance(probe, types.FunctionType)
+
+
+def skip_blank(data: bytes, pos: int) -> int:
+    """The first index at or after ``pos`` that is not CR or LF (llhttp skips
+    them between messages)."""
+    n = len(data)
+    while pos < n and data[pos] in (13, 10):
+        pos += 1
+    return pos
+
+
+def take_head(carry: bytearray, data: bytes, mark: int) -> tuple[bytes, int]:
+    """The head llhttp has just completed, and the index in ``data`` just past it.
+
+    ``carry`` holds the head's first bytes when it began in an earlier feed
+    (leading blank lines already dropped; the caller empties it afterwards),
+    else the head starts at ``mark`` in ``data``, after any blank lines.
+    """
+    if carry:
+        tail = bytes(carry[-3:])
+        j = (tail + data[:3]).find(END)
+        end = j + 4 - len(tail) if j >= 0 else data.find(END) + 4
+        return bytes(carry) + data[:end], end
+    mark = skip_blank(data, mark)
+    end = data.find(END, mark) + 4
+    return data[mark:end], end
+
+
+class Callbacks:
+    """The protocol object httptools is given: it looks each callback up once, by
+    name, and never calls one that is not set, so a parser sets only those it wants
+    (block mode: no ``on_header``, ``on_url``, ``on_status``, ``on_message_begin``)."""
+
+    __slots__ = (
+        "on_body",
+        "on_header",
+        "on_headers_complete",
+        "on_message_begin",
+        "on_message_complete",
+        "on_status",
+        "on_url",
+    )
+
+    on_body: Callable[[bytes], None]
+    on_header: Callable[[bytes, bytes], None]
+    on_headers_complete: Callable[[], None]
+    on_message_begin: Callable[[], None]
+    on_message_complete: Callable[[], None]
+    on_status: Callable[[bytes], None]
+    on_url: Callable[[bytes], None]

@@ -1,0 +1,445 @@
+"""Admission control without sockets: the limit, class order, weights and shedding.
+
+``meshlayer.proxy.admission`` is sans-I/O: these tests drive it with a fake
+clock (``now`` passed in) and waiters that record what they were told.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+
+from meshlayer.config import ConfigError, load_documents
+from meshlayer.config.model import DEFAULT_PRIORITY_CLASSES, Admission, PriorityClass
+from meshlayer.proxy.admission import (
+    BURST,
+    AdmissionControl,
+    GradientLimit,
+    admission_for,
+)
+from meshlayer.proxy.classes import ClassState, ClassTable
+from meshlayer.proxy.errors import MeshError
+
+
+def table(**targets: float) -> ClassTable:
+    """The shipped classes; ``critical=2.0`` overrides a class's queue-delay target."""
+    classes = {
+        c.name: replace(c, queue_delay_target=targets.get(c.name, c.queue_delay_target))
+        for c in DEFAULT_PRIORITY_CLASSES
+    }
+    return ClassTable(classes)
+
+
+class W:
+    """A waiter that records its fate; ``log`` (shared) gets its admission order."""
+
+    def __init__(self, cls: ClassState, t0: float, log: list[W] | None = None) -> None:
+        self.cls = cls
+        self.t0 = t0
+        self.log = log
+        self.admitted_at: float | None = None
+        self.err: MeshError | None = None
+
+    def admitted(self, now: float) -> None:
+        self.admitted_at = now
+        if self.log is not None:
+            self.log.append(self)
+
+    def shed(self, err: MeshError) -> None:
+        self.err = err
+
+
+def enter(adm: AdmissionControl, w: W, now: float) -> MeshError | None:
+    """What the exchange does: the fast path, else ``arrive``."""
+    if adm.in_use < adm.limit and not adm.queued:
+        adm.in_use += 1
+        w.admitted(now)
+        return None
+    return adm.arrive(w, w.cls, now)
+
+
+def fixed(n: int) -> AdmissionControl:
+    return AdmissionControl(Admission(n), "inbound", "web")
+
+
+# -- order and weights ---------------------------------------------------------
+
+
+def test_fast_path_until_the_limit_then_queue() -> None:
+    adm = fixed(2)
+    t = table()
+    crit = t.get("critical")
+    assert crit is not None
+    ws = [W(crit, 0.0) for _ in range(3)]
+    assert [enter(adm, w, 0.0) for w in ws] == [None, None, None]
+    assert [w.admitted_at for w in ws] == [0.0, 0.0, None]
+    assert (adm.in_use, adm.queued) == (2, 1)
+    adm.release(1.0)
+    assert ws[2].admitted_at == 1.0
+    assert (adm.in_use, adm.queued) == (2, 0)
+
+
+def test_a_burst_is_admitted_in_strict_rank_order() -> None:
+    adm = fixed(1)
+    t = table(critical=60, default=60, batch=60)
+    order: list[W] = []
+    enter(adm, W(t.by_name["batch"], 0.0), 0.0)  # holds the slot
+    for name in ("batch", "critical", "default"):
+        for _ in range(5):
+            assert enter(adm, W(t.by_name[name], 0.0, order), 0.0) is None
+    for i in range(15):
+        adm.release(1.0 + i)
+    assert [w.cls.name for w in order] == ["critical"] * 5 + ["default"] * 5 + ["batch"] * 5
+
+
+@pytest.mark.parametrize(
+    "present", [("critical", "default", "batch"), ("critical", "batch"), ("default", "batch")]
+)
+def test_backlogged_classes_get_their_weight_share(present: tuple[str, ...]) -> None:
+    adm = fixed(4)
+    t = table(critical=1e6, default=1e6, batch=1e6)
+    order: list[W] = []
+    for _ in range(4):
+        enter(adm, W(t.by_name["critical"], 0.0), 0.0)
+    for name in present:  # every class keeps 3 waiting: always backlogged
+        for _ in range(3):
+            adm.arrive(W(t.by_name[name], 0.0, order), t.by_name[name], 0.0)
+    for i in range(2000):
+        adm.release(float(i))
+        adm.arrive(W(order[-1].cls, float(i), order), order[-1].cls, float(i))
+    counts = Counter(w.cls.name for w in order[-1500:])
+    wsum = sum(t.by_name[n].weight for n in present)
+    for name in present:
+        share = counts[name] / 1500
+        assert share == pytest.approx(t.by_name[name].weight / wsum, abs=0.02), counts
+
+
+def test_a_lone_batch_request_is_not_starved_by_a_critical_flood() -> None:
+    adm = fixed(1)
+    t = table(critical=1e6, batch=1e6)
+    crit, batch = t.by_name["critical"], t.by_name["batch"]
+    order: list[W] = []
+    enter(adm, W(crit, 0.0), 0.0)
+    lone = W(batch, 0.0, order)
+    adm.arrive(lone, batch, 0.0)
+    for _ in range(5):
+        adm.arrive(W(crit, 0.0, order), crit, 0.0)
+    for i in range(200):
+        adm.release(float(i))
+        adm.arrive(W(crit, float(i), order), crit, float(i))  # critical never goes idle
+        if lone.admitted_at is not None:
+            break
+    share = batch.weight / (batch.weight + crit.weight)
+    assert lone.admitted_at is not None
+    assert order.index(lone) <= BURST / share + 1
+
+
+def test_dispatch_survives_waiters_that_finish_at_once() -> None:
+    """A waiter whose request fails synchronously releases its slot inside ``admitted``:
+    the queue drains without recursion."""
+    adm = fixed(1)
+    classes = {c.name: c for c in DEFAULT_PRIORITY_CLASSES}
+    classes["default"] = replace(classes["default"], max_queue_length=10_000)
+    default = ClassTable(classes).by_name["default"]
+    done: list[int] = []
+
+    class Failing(W):
+        def admitted(self, now: float) -> None:
+            done.append(1)
+            adm.release(now)
+
+    enter(adm, W(default, 0.0), 0.0)
+    for _ in range(5000):
+        adm.arrive(Failing(default, 0.0), default, 0.0)
+    adm.release(1.0)
+    assert len(done) == 5000
+    assert (adm.in_use, adm.queued) == (0, 0)
+
+
+def test_leave_takes_a_waiter_out() -> None:
+    adm = fixed(1)
+    t = table(default=1e6)
+    default = t.by_name["default"]
+    order: list[W] = []
+    enter(adm, W(default, 0.0), 0.0)
+    a, b = W(default, 0.0, order), W(default, 0.0, order)
+    adm.arrive(a, default, 0.0)
+    adm.arrive(b, default, 0.0)
+    assert adm.leave(a)
+    assert not adm.leave(a)
+    assert adm.queued == 1
+    adm.release(1.0)
+    assert order == [b]
+
+
+# -- shedding ------------------------------------------------------------------
+
+
+def test_a_full_class_queue_sheds_at_arrival() -> None:
+    classes = {c.name: c for c in DEFAULT_PRIORITY_CLASSES}
+    classes["batch"] = replace(classes["batch"], max_queue_length=2, queue_delay_target=60)
+    t = ClassTable(classes)
+    batch = t.by_name["batch"]
+    adm = fixed(1)
+    enter(adm, W(batch, 0.0), 0.0)
+    assert enter(adm, W(batch, 0.0), 0.0) is None
+    assert enter(adm, W(batch, 0.0), 0.0) is None
+    err = enter(adm, W(batch, 0.0), 0.0)
+    assert err is not None
+    assert (err.status, err.reason) == (503, "shed")
+    assert err.retry_after >= 1
+    assert "full" in err.message
+    assert adm.queues["batch"].shed_total == 1
+    assert adm.queued == 2
+
+
+def learn_service_time(adm: AdmissionControl, seconds: float, now: float = 0.0) -> None:
+    adm.sample(seconds, now)
+    assert adm.service_time == seconds
+
+
+def test_predicted_wait_sheds_lower_classes_at_smaller_depths() -> None:
+    """Service time 100 ms, limit 2: a dispatch every 50 ms. Targets: critical 500 ms,
+    default 100 ms, batch 50 ms. Each class is refused once its predicted wait (the
+    requests of its rank or higher ahead of it) passes its target."""
+    adm = fixed(2)
+    t = table()
+    learn_service_time(adm, 0.1)
+    for _ in range(2):
+        enter(adm, W(t.by_name["critical"], 0.0), 0.0)
+
+    def depth_until_shed(name: str) -> int:
+        for depth in range(100):
+            err = adm.arrive(W(t.by_name[name], 0.0), t.by_name[name], 0.0)
+            if err is not None:
+                return depth
+        raise AssertionError(f"{name} never shed")
+
+    # batch: (0 ahead + 1) * 50 ms = 50 ms fits; 1 ahead -> 100 ms > 50 ms
+    assert depth_until_shed("batch") == 1
+    # default does not count the batch request ahead of it: 0, 1 fit; 2 ahead -> 150 ms
+    assert depth_until_shed("default") == 2
+    # critical: up to 9 ahead fit (500 ms)
+    assert depth_until_shed("critical") == 10
+    # now everything queued is critical or default: batch and default arrivals are refused
+    for name in ("batch", "default"):
+        err = adm.arrive(W(t.by_name[name], 0.0), t.by_name[name], 0.0)
+        assert err is not None and err.reason == "shed"
+    assert adm.queues["batch"].shed_total == 2
+    assert adm.queues["critical"].shed_total == 1
+
+
+def test_weight_share_shortens_the_predicted_wait_of_a_lower_class() -> None:
+    """With critical backlogged past batch's own share, batch is served by its weight:
+    the prediction counts its share, not every critical request ahead."""
+    adm = fixed(1)
+    t = table(critical=1e6, batch=10.0)
+    crit, batch = t.by_name["critical"], t.by_name["batch"]
+    learn_service_time(adm, 0.01)
+    enter(adm, W(crit, 0.0), 0.0)
+    for _ in range(500):
+        adm.arrive(W(crit, 0.0), crit, 0.0)
+    # strict position: 501 * 10 ms = 5 s; by share (10/70): ~(4 + 0) / 0.143 + 1 = 29 dispatches
+    assert adm.predict(adm.queues.get("batch") or adm._add_queue(batch)) < 0.5
+    assert adm.arrive(W(batch, 0.0), batch, 0.0) is None
+
+
+def test_a_late_higher_class_trims_the_lowest_class_newest_first() -> None:
+    adm = fixed(1)
+    t = table(critical=1.5, default=60, batch=60)
+    crit, batch = t.by_name["critical"], t.by_name["batch"]
+    learn_service_time(adm, 1.0)  # slow: keep = 60 s * 1/s * 10/70 = 8 batch requests stay
+    enter(adm, W(crit, 0.0), 0.0)
+    batches = [W(batch, 0.1 * i) for i in range(20)]
+    for w in batches:
+        assert adm.arrive(w, batch, w.t0) is None
+    head = W(crit, 2.0)
+    assert adm.arrive(head, crit, 2.0) is None
+    adm.tick(3.4)  # the critical head has waited 1.4 s: within its target
+    assert all(w.err is None for w in batches)
+    adm.tick(3.6)
+    shed = [w for w in batches if w.err is not None]
+    assert len(shed) == 12
+    assert shed == batches[8:]  # the newest went
+    assert all(w.err is not None and w.err.reason == "shed" for w in shed)
+    assert adm.queued == 9
+    assert adm.queues["batch"].shed_total == 12
+    adm.release(4.0)
+    assert head.admitted_at == 4.0  # the critical head goes first
+
+
+def test_shedding_start_and_stop_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    adm = fixed(1)
+    t = table(batch=60)
+    classes = {c.name: c for c in DEFAULT_PRIORITY_CLASSES}
+    classes["batch"] = replace(classes["batch"], max_queue_length=0)
+    batch = ClassTable(classes).by_name["batch"]
+    enter(adm, W(t.by_name["critical"], 0.0), 0.0)
+    with caplog.at_level(logging.INFO, "meshlayer.admission"):
+        for i in range(5):
+            assert adm.arrive(W(batch, 0.0), batch, 0.01 * i) is not None
+        adm.tick(0.5)
+        adm.tick(1.2)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("shedding class batch" in m for m in msgs) == 1, msgs
+    assert sum("shedding of class batch stopped (5 shed)" in m for m in msgs) == 1, msgs
+
+
+# -- the adaptive limit -----------------------------------------------------------
+
+
+def run_windows(
+    adm: AdmissionControl,
+    rtt: float,
+    load: int | None,
+    windows: int,
+    now: float,
+    step: float = 0.12,
+) -> float:
+    """Feed ``windows`` windows of 10 samples of ``rtt`` each, with ``load`` in use
+    (None: as many as the limit allows, i.e. demand exceeds it)."""
+    for _ in range(windows):
+        adm.in_use = adm.limit if load is None else load
+        for _ in range(10):
+            now += step / 10
+            adm.sample(rtt, now)
+    adm.in_use = 0
+    return now
+
+
+def adaptive(**kw: object) -> AdmissionControl:
+    spec = replace(Admission(), **kw)  # type: ignore[arg-type]
+    return AdmissionControl(spec, "inbound", "web", random.Random(1))
+
+
+def test_adaptive_limit_drops_when_latency_rises_and_recovers() -> None:
+    adm = adaptive(initial_limit=20, min_limit=2, max_limit=200)
+    now = run_windows(adm, 0.010, load=None, windows=5, now=0.0)
+    assert adm.limit > 20  # at the no-load latency, fully used: it grows
+    high = adm.limit
+    now = run_windows(adm, 0.050, load=None, windows=25, now=now)
+    assert adm.limit <= high / 2
+    low = adm.limit
+    now = run_windows(adm, 0.010, load=None, windows=25, now=now)
+    assert adm.limit >= 2 * low
+    assert adm.limit > 10
+
+
+def test_adaptive_limit_does_not_grow_while_app_limited() -> None:
+    adm = adaptive(initial_limit=20)
+    run_windows(adm, 0.010, load=3, windows=50, now=0.0)
+    assert adm.limit == 20
+
+
+def test_adaptive_limit_stays_within_bounds() -> None:
+    adm = adaptive(initial_limit=10, min_limit=4, max_limit=12)
+    now = run_windows(adm, 0.010, load=10, windows=100, now=0.0)
+    assert adm.limit == 12
+    run_windows(adm, 1.0, load=12, windows=100, now=now)
+    assert adm.limit == 4
+
+
+def test_probe_remeasures_the_no_load_latency() -> None:
+    """Latency that rose for good becomes the baseline after a probe at minLimit."""
+    adm = adaptive(initial_limit=20, min_limit=2, probe_interval=5.0)
+    assert adm.adaptive is not None
+    now = run_windows(adm, 0.010, load=20, windows=3, now=0.0)
+    now = run_windows(adm, 0.040, load=adm.limit, windows=30, now=now)  # 3 s: no probe yet
+    assert adm.adaptive.min_rtt == pytest.approx(0.010)
+    dropped = adm.limit
+    for _ in range(40):  # past 5 s +- jitter
+        now = run_windows(adm, 0.040, load=dropped, windows=1, now=now)
+        if adm.adaptive.probing:
+            break
+    assert adm.adaptive.probing
+    assert adm.limit == 2
+    before = round(adm.adaptive.saved)
+    assert adm.capacity == before > 2  # predictions keep using the real capacity
+    now = run_windows(adm, 0.040, load=2, windows=1, now=now)  # at minLimit: a clean sample
+    assert not adm.adaptive.probing
+    assert adm.adaptive.min_rtt == pytest.approx(0.040)
+    assert adm.limit == before  # restored
+    run_windows(adm, 0.040, load=None, windows=25, now=now)
+    assert adm.limit > dropped  # 40 ms is the new normal: the limit grows again
+
+
+def test_gradient_never_more_than_halves_per_window() -> None:
+    g = GradientLimit(Admission(initial_limit=100, max_limit=1000), random.Random(1))
+    g.update(0.01, 100, True, 0.0)
+    before = g.limit
+    g.update(10.0, 100, True, 0.1)  # a thousandfold latency
+    assert g.limit >= before * (1 - 0.2 * 0.5)
+
+
+def test_unlimited_has_no_admission_control() -> None:
+    assert admission_for(Admission("unlimited"), "outbound", "x") is None
+    adm = admission_for(Admission(3), "outbound", "x")
+    assert adm is not None and adm.limit == 3
+
+
+# -- config ----------------------------------------------------------------------------
+
+
+def service(spec: str) -> str:
+    return (
+        "apiVersion: meshlayer/v1\nkind: Service\nmetadata: {name: web}\n"
+        "spec:\n  endpoints: []\n" + "".join(f"  {line}\n" for line in spec.splitlines())
+    )
+
+
+def test_config_defaults_adaptive_inbound_unlimited_outbound() -> None:
+    svc = load_documents(service(""), "t").services["web"]
+    assert svc.inbound.concurrency == "adaptive"
+    assert svc.outbound.concurrency == "unlimited"
+
+
+def test_config_reads_fixed_and_adaptive() -> None:
+    text = service(
+        "inbound: {concurrency: 8}\n"
+        "outbound: {concurrency: adaptive, initialLimit: 5, minLimit: 3, maxLimit: 50, "
+        "tolerance: 2, sampleWindow: 50ms, probeInterval: 10s}"
+    )
+    svc = load_documents(text, "t").services["web"]
+    assert svc.inbound == Admission(8)
+    assert svc.outbound == Admission("adaptive", 5, 3, 50, 2.0, 0.05, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "problem"),
+    [
+        ("inbound: {concurrency: 0}", "spec.inbound.concurrency", "must be adaptive, unlimited"),
+        ("inbound: {concurrency: lots}", "spec.inbound.concurrency", "got 'lots'"),
+        ("inbound: {concurrency: true}", "spec.inbound.concurrency", "got True"),
+        ("outbound: {concurrency: 4, minLimit: 2}", "spec.outbound.minLimit", "only applies"),
+        ("outbound: {maxLimit: 9}", "spec.outbound.maxLimit", "only applies"),
+        ("inbound: {minLimit: 9, maxLimit: 3}", "spec.inbound.minLimit", "must not exceed"),
+        ("inbound: {initialLimit: 0}", "spec.inbound.initialLimit", ">= 1"),
+        ("inbound: {initialLimit: 500, maxLimit: 100}", "spec.inbound.initialLimit", "between"),
+        ("inbound: {tolerance: 0.5}", "spec.inbound.tolerance", "between 1"),
+        ("inbound: {sampleWindow: -1s}", "spec.inbound.sampleWindow", "duration"),
+        ("inbound: {limit: 3}", "spec.inbound.limit", "unknown field"),
+        ("inbound: 3", "spec.inbound", "must be a mapping"),
+    ],
+)
+def test_config_errors_name_the_field(spec: str, field: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_documents(service(spec), "t")
+    assert f"(Service/web): {field}: " in str(info.value)
+    assert problem in str(info.value)
+
+
+def test_admission_keeps_working_when_a_class_changes() -> None:
+    """A reload may give a class another target: the queue follows the new settings."""
+    adm = fixed(1)
+    t = table(batch=60)
+    enter(adm, W(t.by_name["critical"], 0.0), 0.0)
+    assert adm.arrive(W(t.by_name["batch"], 0.0), t.by_name["batch"], 0.0) is None
+    strict = {c.name: c for c in DEFAULT_PRIORITY_CLASSES}
+    strict["batch"] = PriorityClass("batch", 10, max_queue_length=1)
+    batch2 = ClassTable(strict).by_name["batch"]
+    err = adm.arrive(W(batch2, 0.0), batch2, 0.0)
+    assert err is not None and "full" in err.message
