@@ -143,6 +143,7 @@ metadata: {{name: {name}}}
 spec:
   loadBalancer: round-robin
   retries: {{attempts: 0}}
+  inbound: {{concurrency: {concurrency}}}
   endpoints:
     - {{address: "127.0.0.1:{port}", meshed: true}}
 """
@@ -234,6 +235,8 @@ class Env:
     quiet_wait: float
     nice: int
     rt: bool
+    concurrency: str = "adaptive"
+    """``spec.inbound.concurrency`` of the meshlayer sidecars (``--inbound-concurrency``)."""
 
     def pin(self, cmd: list[str], cpu: int | None = None, rt: bool = False) -> list[str]:
         """``cmd`` on the services' CPU (or ``cpu``), at the benchmark's nice level, or
@@ -347,7 +350,8 @@ def start_chain(env: Env, mode: str) -> Stack:
             start_nginx(env, stack, "nginx-client", [(stack.port, inbound)])
         else:
             cfg = env.tmp / f"chain-{mode}.yaml"
-            cfg.write_text(MESH_SERVICE.format(name=APP_HOST, port=inbound))
+            text = MESH_SERVICE.format(name=APP_HOST, port=inbound, concurrency=env.concurrency)
+            cfg.write_text(text)
             start_sidecar(env, stack, mode, APP_HOST, cfg, stack.leaf_port, inbound, free_port())
             start_sidecar(env, stack, mode, "client", cfg, 9, free_port(), stack.port)
         wait_http_200(stack.procs[-1], stack.port, APP_HOST)
@@ -374,9 +378,9 @@ def start_graph(env: Env, mode: str) -> Stack:
         else:
             cfg = env.tmp / f"graph-{mode}.yaml"
             cfg.write_text(
-                MESH_SERVICE.format(name="a", port=a_in)
+                MESH_SERVICE.format(name="a", port=a_in, concurrency=env.concurrency)
                 + "---\n"
-                + MESH_SERVICE.format(name="b", port=b_in)
+                + MESH_SERVICE.format(name="b", port=b_in, concurrency=env.concurrency)
             )
             start_sidecar(env, stack, mode, "b", cfg, stack.leaf_port, b_in, free_port())
             start_sidecar(env, stack, mode, "a", cfg, a_port, a_in, a_out)
@@ -871,6 +875,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="p99 bound that defines C (default: %(default)s ms)")  # fmt: skip
     p.add_argument("--probe", type=float, help="seconds per capacity probe (default: 4, quick: 2)")
     p.add_argument("--cost-ms", type=float, default=1.5, help="app CPU per request (default 1.5)")
+    p.add_argument(
+        "--inbound-concurrency",
+        default="adaptive",
+        help="spec.inbound.concurrency of the meshlayer sidecars: adaptive (default), N, unlimited",
+    )
     p.add_argument("--conns", type=int, default=2000, help="client connections (default 2000)")
     p.add_argument("--timeout", type=float, default=1.0, help="client timeout s (default 1)")
     p.add_argument("--no-graph", action="store_true", help="skip the call-graph case")
@@ -949,7 +958,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check=True,
         )
         env = Env(tools, tmp, python, prioload, args.svc_cpu, args.load_cpu, args.cost_ms,
-                  args.conns, args.timeout, flag, args.quiet_wait, args.nice, args.rt)  # fmt: skip
+                  args.conns, args.timeout, flag, args.quiet_wait, args.nice, args.rt,
+                  args.inbound_concurrency)  # fmt: skip
         try:
             report = run_all(env, args, modes, results)
         finally:
@@ -960,7 +970,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"meshlayer priority benchmark — {started}, {elapsed / 60:.1f} min; app {args.cost_ms:g} "
         f"ms CPU/request, concurrency 1; services + proxies on CPU {args.svc_cpu}, load on CPU "
         f"{args.load_cpu}; {args.duration:g} s per run, client timeout {args.timeout:g} s, "
-        f"{args.conns} connections"
+        f"{args.conns} connections; sidecars' inbound concurrency {args.inbound_concurrency}"
     )
     print(report)
     if can_plot and results.get("main"):

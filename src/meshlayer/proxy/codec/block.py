@@ -3,12 +3,12 @@
 Theory of operation: httptools calls Python once per header field when its
 protocol object has an ``on_header`` method, and not at all when it has none;
 llhttp validates the head just the same either way (the strictness lives in
-its state machine, not in the callbacks). So the parsers give httptools no
-``on_header`` (nor ``on_url``, ``on_status``, ``on_message_begin``): llhttp
-checks every byte of the head and calls ``on_headers_complete`` once, and the
-parser then takes the head block it already holds, which llhttp has just
-accepted, splits it into rows with one ``split`` and classifies the rows by
-name itself.
+its state machine, not in the callbacks). In block mode the parsers give
+httptools a ``Callbacks`` object without ``on_header`` (nor ``on_url``,
+``on_status``, ``on_message_begin``): llhttp checks every byte of the head and
+calls ``on_headers_complete`` once, and the parser then takes the head block
+it already holds, which llhttp has just accepted, splits it into rows with one
+``split`` and classifies the rows by name itself.
 
 Because llhttp accepted the block, its shape is known: a start line, then
 ``name ":" OWS value CRLF`` rows with token names and values free of CR and
@@ -16,10 +16,12 @@ LF (obs-fold and bare CR/LF are refused), then an empty line: the first
 CRLF CRLF after the start. Values are cut as llhttp cuts them: leading spaces
 and tabs dropped, trailing ones kept.
 
-The row loop is written for both ways the parsers run: interpreted, a C
-method (``bytes.find``) beats any index loop; compiled by mypyc, the index
-loop is a few machine instructions per byte while ``bytes.find`` is a generic
-method call costing a thousand. ``native`` tells a module which way it runs.
+Block mode is what the mypyc build uses (``native`` tells a module how it
+runs): there a call from C into compiled code is dear and the rows are cut by
+index loops that compile to a few instructions per byte (a ``bytes`` method
+is a generic call costing about a thousand). Interpreted, the other way round:
+httptools' C splitting plus one Python call per field is cheaper than any
+splitting in Python, so interpreted parsers take heads field by field.
 """
 
 from __future__ import annotations
