@@ -79,8 +79,9 @@ class FakeTransport:
         self.closed = True
 
 
-async def main(n: int) -> None:
-    config = load_documents(CONFIG, "bench")
+async def main(n: int, outbound: str = "") -> None:
+    """``outbound``: the service's ``spec.outbound`` (e.g. ``{concurrency: 64}``)."""
+    config = load_documents(CONFIG + (f"  outbound: {outbound}\n" if outbound else ""), "bench")
     router = Router(config)
     metrics = Metrics()
 
@@ -154,5 +155,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=200_000)
     ap.add_argument("--minimal", action="store_true", help="the minimal forwarder instead")
+    ap.add_argument(
+        "--outbound", default="", help="spec.outbound, e.g. '{concurrency: adaptive}' (admission)"
+    )
     args = ap.parse_args()
-    asyncio.run(minimal(args.requests) if args.minimal else main(args.requests))
+    asyncio.run(minimal(args.requests) if args.minimal else main(args.requests, args.outbound))

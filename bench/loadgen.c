@@ -42,6 +42,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "loadcommon.h"
+
 #define MAX_CONNS 1024
 #define MAX_REQUESTS 10000000ULL
 #define BUF_SIZE 65536
@@ -71,12 +73,6 @@ static uint64_t g_t0;
 static double g_rate;
 static int64_t *g_lat_ns;     /* per request; -1 = not done */
 static int64_t *g_lag_ns;     /* per sent request: actual - intended send time */
-
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
 
 static uint64_t intended_ns(uint64_t i) {
     return g_t0 + (uint64_t)((double)i * 1e9 / g_rate);
@@ -166,64 +162,17 @@ static void dispatch(uint64_t now) {
 /* Arm the timer for the next intended send; 0 disarms.  Re-arming also clears
  * the expiration count, so the timerfd never needs to be read.  While requests
  * wait for a free connection the timer is off: a response dispatches them. */
-static uint64_t g_armed = UINT64_MAX;
-
 static void arm_timer(int tfd, uint64_t now) {
     uint64_t want = 0;
     if (g_next < g_total) {
         want = intended_ns(g_next);
         if (want <= now && g_nfree == 0) want = 0;
     }
-    if (want == g_armed) return;
-    g_armed = want;
-    struct itimerspec its;
-    memset(&its, 0, sizeof its);
-    its.it_value.tv_sec = (time_t)(want / 1000000000ULL);
-    its.it_value.tv_nsec = (long)(want % 1000000000ULL);
-    timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL);
+    arm_at(tfd, want);
 }
 
-static const char *find_crlfcrlf(const char *p, size_t n) {
-    return memmem(p, n, "\r\n\r\n", 4);
-}
-
-/* Return: 1 = complete response in buf, 0 = need more, -1 = malformed.
- * *status gets the status code, *close_after is set if the server will close. */
 static int parse_response(conn_t *c, int eof, int *status, int *close_after) {
-    const char *hend = find_crlfcrlf(c->buf, c->len);
-    if (!hend) return c->len >= BUF_SIZE ? -1 : 0;
-    size_t hlen = (size_t)(hend - c->buf) + 4;
-    if (c->len < 12 || strncmp(c->buf, "HTTP/1.", 7) != 0) return -1;
-    *status = atoi(c->buf + 9);
-    *close_after = strncmp(c->buf, "HTTP/1.0", 8) == 0;
-    long clen = -1;
-    int chunked = 0;
-    const char *line = memchr(c->buf, '\n', hlen) + 1;
-    while (line < c->buf + hlen - 2) {
-        const char *eol = memchr(line, '\n', (size_t)(c->buf + hlen - line));
-        if (!eol) break;
-        if (strncasecmp(line, "content-length:", 15) == 0) {
-            clen = strtol(line + 15, NULL, 10);
-        } else if (strncasecmp(line, "transfer-encoding:", 18) == 0) {
-            if (memmem(line, (size_t)(eol - line), "chunked", 7)) chunked = 1;
-        } else if (strncasecmp(line, "connection:", 11) == 0) {
-            if (memmem(line, (size_t)(eol - line), "close", 5)) *close_after = 1;
-            if (memmem(line, (size_t)(eol - line), "keep-alive", 10)) *close_after = 0;
-        }
-        line = eol + 1;
-    }
-    if (*status == 204 || *status == 304 || (*status >= 100 && *status < 200)) return 1;
-    if (chunked) {
-        if (c->len >= hlen + 5 && memmem(c->buf + hlen - 2, c->len - hlen + 2, "\r\n0\r\n\r\n", 7))
-            return 1;
-        return c->len >= BUF_SIZE ? -1 : 0;
-    }
-    if (clen >= 0) {
-        if ((long)(c->len - hlen) >= clen) return 1;
-        return hlen + (size_t)clen > BUF_SIZE ? -1 : 0;
-    }
-    *close_after = 1;
-    return eof ? 1 : (c->len >= BUF_SIZE ? -1 : 0);
+    return parse_response_buf(c->buf, c->len, BUF_SIZE, eof, status, close_after);
 }
 
 static void on_readable(int idx, uint64_t now) {
@@ -266,22 +215,6 @@ static void on_readable(int idx, uint64_t now) {
     } else {
         g_free[g_nfree++] = idx;
     }
-}
-
-static int cmp_i64(const void *a, const void *b) {
-    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return (x > y) - (x < y);
-}
-
-static double pct(const int64_t *v, size_t n, double q) {
-    if (n == 0) return -1;
-    /* nearest rank: the smallest value with at least q*n values <= it */
-    double r = q * (double)n;
-    size_t k = (size_t)r;
-    if ((double)k < r) k++;
-    if (k > 0) k--;
-    if (k >= n) k = n - 1;
-    return (double)v[k] / 1000.0;
 }
 
 int main(int argc, char **argv) {
@@ -337,9 +270,7 @@ int main(int argc, char **argv) {
             return 1;
         }
     }
-    int tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
-    struct epoll_event tev = {.events = EPOLLIN, .data.u32 = UINT32_MAX};
-    epoll_ctl(g_epfd, EPOLL_CTL_ADD, tfd, &tev);
+    int tfd = add_timer(g_epfd);
 
     g_t0 = now_ns() + 1000000ULL; /* start 1 ms from now */
     uint64_t send_end = g_t0 + (uint64_t)(duration * 1e9);
@@ -377,13 +308,8 @@ int main(int argc, char **argv) {
     }
 
     uint64_t end = now_ns();
-    /* time this process spent runnable but not running (CPU contention) */
-    unsigned long long run_ns = 0, wait_ns = 0;
-    FILE *ss = fopen("/proc/self/schedstat", "r");
-    if (ss) {
-        if (fscanf(ss, "%llu %llu", &run_ns, &wait_ns) != 2) run_ns = wait_ns = 0;
-        fclose(ss);
-    }
+    unsigned long long run_ns, wait_ns;
+    sched_times(&run_ns, &wait_ns);
     /* anything not finished: lower-bound latency, counted as error */
     uint64_t incomplete = 0;
     for (uint64_t i = 0; i < g_total; i++) {

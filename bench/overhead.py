@@ -122,6 +122,12 @@ def find_tool(name: str) -> str | None:
 def ensure_tools() -> dict[str, str]:
     """Return paths of nginx, haproxy, wrk, gcc, taskset; apt-get install missing ones."""
     packages = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "gcc": "gcc"}
+    return install_tools(packages, ("taskset",))
+
+
+def install_tools(packages: dict[str, str], present: Sequence[str]) -> dict[str, str]:
+    """Paths of the tools in ``packages`` (tool -> Debian package; apt-get installs the
+    missing ones when root) and of those in ``present`` (assumed installed)."""
     missing = [pkg for tool, pkg in packages.items() if find_tool(tool) is None]
     if missing:
         if os.geteuid() != 0:
@@ -135,7 +141,7 @@ def ensure_tools() -> dict[str, str]:
             subprocess.run(["apt-get", "update"], env=env, stdout=subprocess.DEVNULL, check=True)
             subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
     tools: dict[str, str] = {}
-    for tool in (*packages, "taskset"):
+    for tool in (*packages, *present):
         path = find_tool(tool)
         if path is None:
             raise SystemExit(f"{tool} not found")

@@ -46,6 +46,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "loadcommon.h"
+
 #define MAX_CONNS 8192
 #define MAX_REQUESTS 5000000ULL
 #define BUF_SIZE 16384
@@ -82,12 +84,6 @@ static uint8_t *g_cls;
 static int16_t *g_status;
 static int64_t *g_lat_ns;
 static int64_t *g_lag_ns;
-
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
 
 static uint64_t intended(uint64_t i) { return g_t0 + g_when[i]; }
 
@@ -234,60 +230,18 @@ static void expire(uint64_t now) {
     }
 }
 
-static uint64_t g_armed = UINT64_MAX;
-
 static void arm_timer(int tfd, uint64_t now) {
     uint64_t want = 0;
     if (g_next < g_total) {
         want = intended(g_next);
         if (want <= now) want = g_nfree > 0 ? now + 1000 : 0;
     }
-    if (want == g_armed) return;
-    g_armed = want;
-    struct itimerspec its;
-    memset(&its, 0, sizeof its);
-    its.it_value.tv_sec = (time_t)(want / 1000000000ULL);
-    its.it_value.tv_nsec = (long)(want % 1000000000ULL);
-    timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL);
+    arm_at(tfd, want);
 }
 
 /* 1 = whole response in buf, 0 = need more, -1 = malformed; sets status/close_after. */
 static int parse_response(conn_t *c, int eof, int *status, int *close_after) {
-    const char *hend = memmem(c->buf, c->len, "\r\n\r\n", 4);
-    if (!hend) return c->len >= BUF_SIZE ? -1 : 0;
-    size_t hlen = (size_t)(hend - c->buf) + 4;
-    if (c->len < 12 || strncmp(c->buf, "HTTP/1.", 7) != 0) return -1;
-    *status = atoi(c->buf + 9);
-    *close_after = strncmp(c->buf, "HTTP/1.0", 8) == 0;
-    long clen = -1;
-    int chunked = 0;
-    const char *line = (const char *)memchr(c->buf, '\n', hlen) + 1;
-    while (line < c->buf + hlen - 2) {
-        const char *eol = memchr(line, '\n', (size_t)(c->buf + hlen - line));
-        if (!eol) break;
-        size_t ll = (size_t)(eol - line);
-        if (strncasecmp(line, "content-length:", 15) == 0) {
-            clen = strtol(line + 15, NULL, 10);
-        } else if (strncasecmp(line, "transfer-encoding:", 18) == 0) {
-            if (memmem(line, ll, "chunked", 7)) chunked = 1;
-        } else if (strncasecmp(line, "connection:", 11) == 0) {
-            if (memmem(line, ll, "close", 5)) *close_after = 1;
-            if (memmem(line, ll, "keep-alive", 10)) *close_after = 0;
-        }
-        line = eol + 1;
-    }
-    if (*status == 204 || *status == 304 || (*status >= 100 && *status < 200)) return 1;
-    if (chunked) {
-        if (c->len >= hlen + 5 && memmem(c->buf + hlen - 2, c->len - hlen + 2, "\r\n0\r\n\r\n", 7))
-            return 1;
-        return c->len >= BUF_SIZE ? -1 : 0;
-    }
-    if (clen >= 0) {
-        if ((long)(c->len - hlen) >= clen) return 1;
-        return hlen + (size_t)clen > BUF_SIZE ? -1 : 0;
-    }
-    *close_after = 1;
-    return eof ? 1 : (c->len >= BUF_SIZE ? -1 : 0);
+    return parse_response_buf(c->buf, c->len, BUF_SIZE, eof, status, close_after);
 }
 
 static void on_event(int idx, uint32_t events, uint64_t now) {
@@ -328,21 +282,6 @@ static void on_event(int idx, uint32_t events, uint64_t now) {
     c->len = 0;
     if (close_after || eof) recycle(idx, now, ST_CONNFAIL);
     else make_free(idx);
-}
-
-static int cmp_i64(const void *a, const void *b) {
-    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return (x > y) - (x < y);
-}
-
-static double pct(const int64_t *v, size_t n, double q) {
-    if (n == 0) return -1;
-    double r = q * (double)n;
-    size_t k = (size_t)r;
-    if ((double)k < r) k++;
-    if (k > 0) k--;
-    if (k >= n) k = n - 1;
-    return (double)v[k] / 1000.0;
 }
 
 static void usage(const char *prog) {
@@ -463,9 +402,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "no connection to %s:%d could be opened\n", host, port);
         return 1;
     }
-    int tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
-    struct epoll_event tev = {.events = EPOLLIN, .data.u32 = UINT32_MAX};
-    epoll_ctl(g_epfd, EPOLL_CTL_ADD, tfd, &tev);
+    int tfd = add_timer(g_epfd);
 
     g_t0 = now_ns() + 1000000ULL;
     uint64_t send_end = g_t0 + (uint64_t)(duration * 1e9);
@@ -504,12 +441,8 @@ int main(int argc, char **argv) {
     }
 
     uint64_t end = now_ns();
-    unsigned long long run_ns = 0, wait_ns = 0;
-    FILE *ss = fopen("/proc/self/schedstat", "r");
-    if (ss) {
-        if (fscanf(ss, "%llu %llu", &run_ns, &wait_ns) != 2) run_ns = wait_ns = 0;
-        fclose(ss);
-    }
+    unsigned long long run_ns, wait_ns;
+    sched_times(&run_ns, &wait_ns);
     uint64_t incomplete = 0;
     for (uint64_t i = 0; i < g_total; i++) {
         if (g_status[i] == ST_NONE) {

@@ -104,8 +104,8 @@ from overhead import (
     NGINX_COMMON,
     Proc,
     cpu_ticks,
-    find_tool,
     free_port,
+    install_tools,
     log,
     meshlayer_python,
     process_tree,
@@ -171,24 +171,7 @@ NGINX_SERVER = """\
 
 def ensure_tools() -> dict[str, str]:
     """Paths of nginx, gcc and taskset; apt-get install the missing ones."""
-    packages = {"nginx": "nginx", "gcc": "gcc"}
-    missing = [pkg for tool, pkg in packages.items() if find_tool(tool) is None]
-    if missing:
-        if os.geteuid() != 0:
-            raise SystemExit(f"missing {missing}: run `apt-get install -y {' '.join(missing)}`")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        cmd = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
-        log(f"installing {' '.join(missing)} from Debian ...")
-        if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
-            subprocess.run(["apt-get", "update"], env=env, stdout=subprocess.DEVNULL, check=True)
-            subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
-    tools: dict[str, str] = {}
-    for tool in (*packages, "taskset", "nice", "chrt"):
-        path = find_tool(tool)
-        if path is None:
-            raise SystemExit(f"{tool} not found")
-        tools[tool] = path
-    return tools
+    return install_tools({"nginx": "nginx", "gcc": "gcc"}, ("taskset", "nice", "chrt"))
 
 
 def ensure_matplotlib() -> bool:

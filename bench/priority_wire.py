@@ -8,45 +8,56 @@ touched). Everything runs inside them::
 
     ns a                                              ns b
     load worker ──lo──► client sidecar ══veth-a══► server sidecar ──lo──► app
-    (bulk + critical)   (outbound, marks its      (inbound)              (counts body
-                         upstream sockets)                                bytes)
+    (bulk + critical)   (outbound, marks its  ◄══veth-b══ (inbound, marks   (counts body
+                         upstream sockets)                 its accepted       bytes, serves
+                                                           sockets)           downloads)
 
-The bottleneck is the egress of ``veth-a``, shaped to 20 Mbit/s. The bulk
-bytes flow the same way: the four bulk flows are *uploads* (``POST`` with a
-1 MiB body, ``x-meshlayer-priority: batch``), so they cross the link on the
-client sidecar's upstream connections to the server side -- exactly the
-sockets the sidecar marks with the class's DSCP and SO_PRIORITY. The critical
-calls (``GET``, ``x-meshlayer-priority: critical``, a few hundred bytes each
-way, Poisson arrivals at 50/s, open loop: latency counts from the intended
-send time) cross the same egress on the sidecar's critical pool, marked EF.
-Responses come back over ``veth-b``, which is not shaped, so only the marked
-direction is contended.
+Both directions are bottlenecks: the egress of ``veth-a`` (requests, uploads)
+and the egress of ``veth-b`` (responses, downloads) are each shaped to
+20 Mbit/s. Four bulk flows are *uploads* (``POST`` with a 1 MiB body,
+``x-meshlayer-priority: batch``): they cross veth-a on the client sidecar's
+upstream connections -- the sockets its per-class pools mark with the class's
+DSCP and SO_PRIORITY before connect. Four more are *downloads* (``GET`` of a
+1 MiB body, batch): they cross veth-b from the server sidecar's *accepted*
+sockets, which the sidecar re-marks with the class of the request they carry
+once it is classified (the client sidecar's per-class pools keep one class per
+connection, so it happens once per connection). The critical calls (``GET``,
+``x-meshlayer-priority: critical``, a few hundred bytes each way, Poisson
+arrivals at 50/s, open loop: latency counts from the intended send time) cross
+veth-a on the client sidecar's critical pool and come back over veth-b on the
+server sidecar's matching accepted sockets, marked EF both ways.
 
 Phases, each with fresh load (a worker process in ``a``) after a warm-up:
 
-- ``unloaded/qos``   -- ``meshlayer net qos apply --dev veth-a --rate 20mbit``;
-  critical calls only: the baseline p99;
-- ``loaded/qos``     -- the same tree, four bulk flows plus the critical calls;
-- ``loaded/qos/prio-off`` -- the same, with the client sidecar restarted with
-  ``--priority off`` (one pool per service, sockets with the ``default``
-  class's marks, i.e. DSCP 0): what the tree does without the sidecar's
-  per-class marks;
+- ``unloaded/qos``   -- ``meshlayer net qos apply --dev veth-a --rate 20mbit``
+  in ns a and the same on veth-b in ns b; critical calls only: the baseline p99;
+- ``loaded/qos``     -- the same trees, the bulk flows (uploads and downloads)
+  plus the critical calls;
+- ``loaded/qos/prio-off`` -- the same, with both sidecars restarted with
+  ``--priority off`` (one pool per service, every socket, accepted or
+  connected, with the ``default`` class's marks, i.e. DSCP 0): what the trees
+  do without the sidecars' per-class marks;
 - ``unloaded/fifo``, ``loaded/fifo`` -- ``meshlayer net qos clear``, then the
-  same 20 Mbit/s HTB shaper with a single FIFO band (a veth without a qdisc
-  has no bottleneck at all, so "no qos" means one queue for everyone).
+  same 20 Mbit/s HTB shaper with a single FIFO band on both veths (a veth
+  without a qdisc has no bottleneck at all, so "no qos" means one queue for
+  everyone).
 
-Bulk throughput is the body bytes the app received during the measured window
-(the app appends ``monotonic-time bytes`` to a file every 50 ms; CLOCK_MONOTONIC
-is shared by all namespaces), as a share of the shaped rate. That is goodput:
-Ethernet, IP and TCP headers (about 4.5 % at full-size segments) count against
-the shaper's rate but not here. The qos tree's per-band counters (``net qos
-show --json``) are read before and after each phase, so the table also
-shows which band the bytes went through: the marks as the qdisc saw them.
+Upload throughput is the body bytes the app received during the measured
+window (the app appends ``monotonic-time bytes`` to a file every 50 ms;
+CLOCK_MONOTONIC is shared by all namespaces); download throughput is the body
+bytes the worker received in the window; each as a share of the shaped rate.
+That is goodput: Ethernet, IP and TCP headers (about 4.5 % at full-size
+segments) count against the shaper's rate but not here. The trees' per-band
+counters (``net qos show --json``) are read before and after each phase, so
+the table also shows which band the bytes went through, per direction: the
+marks as the qdisc saw them.
 
-Targets (issue 5): with the tree, critical p99 loaded ≤ unloaded p99 + 2 ms
-while bulk ≥ 90 % of 20 Mbit/s; without it, critical p99 grows tenfold or
-more. ``--direct`` bypasses the sidecars (the worker marks its own sockets and
-talks to the app): a check of the harness and the tree alone.
+Targets (issue 5): with the trees, critical p99 loaded ≤ unloaded p99 + 2 ms
+while bulk ≥ 90 % of 20 Mbit/s (each direction); without them, critical p99
+grows tenfold or more. ``--direct`` bypasses the sidecars (the worker marks its
+own sockets, the app its accepted ones, and the worker talks to the app): a
+check of the harness and the trees alone. ``--down-flows 0`` is the upload-only
+case of before.
 
 The link is the bottleneck, not a CPU: the processes together use a few per
 cent of one, may run on every CPU, and run under SCHED_FIFO (``chrt``) so that
@@ -102,6 +113,7 @@ OUTBOUND_PORT = 15001
 ADMIN_PORT = 15090
 SERVICE = "wire-server"
 UPLOAD_BYTES = 1 << 20
+DOWNLOAD_BYTES = 1 << 20
 CHUNK = 64 * 1024
 CRITICAL_BODY = b"c" * 200
 MAX_CRITICAL_CONNS = 512
@@ -114,7 +126,7 @@ TARGET_BULK_SHARE = 0.90
 TARGET_FIFO_GROWTH = 10.0
 
 PHASES = ("unloaded/qos", "loaded/qos", "loaded/qos/prio-off", "unloaded/fifo", "loaded/fifo")
-"""All phases, in the order they run (the prio-off one restarts the client sidecar)."""
+"""All phases, in the order they run (the prio-off one restarts both sidecars)."""
 
 
 def log(msg: str) -> None:
@@ -270,43 +282,53 @@ def spawn(ns: str, name: str, argv: Sequence[str], workdir: Path, rt: bool = Fal
 # ------------------------------------------------------------------------------ qdiscs
 
 
+def links(nss: Namespaces) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The two shaped egresses as (namespace, device): up (veth-a), down (veth-b)."""
+    return (nss.a, DEV_A), (nss.b, DEV_B)
+
+
 def apply_qos(nss: Namespaces) -> str:
-    """``meshlayer net qos apply`` on veth-a; returns what it printed (notes included)."""
-    argv = [sys.executable, "-m", "meshlayer", "net", "qos", "apply", "--dev", DEV_A]
-    return nss.exec(nss.a, [*argv, "--rate", RATE], stderr=True)
+    """``meshlayer net qos apply`` on both veths; returns what it printed on veth-a."""
+    printed = []
+    for ns, dev in links(nss):
+        argv = [sys.executable, "-m", "meshlayer", "net", "qos", "apply", "--dev", dev]
+        printed.append(nss.exec(ns, [*argv, "--rate", RATE], stderr=True))
+    return printed[0]
 
 
 def apply_fifo(nss: Namespaces) -> None:
-    """``net qos clear``, then the same HTB shaper with one FIFO band (handle 2:)."""
-    nss.exec(nss.a, [sys.executable, "-m", "meshlayer", "net", "qos", "clear", "--dev", DEV_A])
+    """``net qos clear``, then the same HTB shaper with one FIFO band (handle 2:), both veths."""
     tc = ["tc"]
-    nss.exec(
-        nss.a, [*tc, "qdisc", "add", "dev", DEV_A, "root", "handle", "2:", "htb", "default", "1"]
-    )
-    nss.exec(
-        nss.a,
-        [
-            *tc,
-            "class",
-            "add",
-            "dev",
-            DEV_A,
-            "parent",
-            "2:",
-            "classid",
-            "2:1",
-            "htb",
-            "rate",
-            RATE,
-            "ceil",
-            RATE,
-        ],
-    )
-    nss.exec(nss.a, [*tc, "qdisc", "add", "dev", DEV_A, "parent", "2:1", "handle", "21:", "pfifo"])
+    for ns, dev in links(nss):
+        nss.exec(ns, [sys.executable, "-m", "meshlayer", "net", "qos", "clear", "--dev", dev])
+        nss.exec(
+            ns, [*tc, "qdisc", "add", "dev", dev, "root", "handle", "2:", "htb", "default", "1"]
+        )
+        nss.exec(
+            ns,
+            [
+                *tc,
+                "class",
+                "add",
+                "dev",
+                dev,
+                "parent",
+                "2:",
+                "classid",
+                "2:1",
+                "htb",
+                "rate",
+                RATE,
+                "ceil",
+                RATE,
+            ],
+        )
+        nss.exec(ns, [*tc, "qdisc", "add", "dev", dev, "parent", "2:1", "handle", "21:", "pfifo"])
 
 
 def remove_fifo(nss: Namespaces) -> None:
-    nss.exec(nss.a, ["tc", "qdisc", "del", "dev", DEV_A, "root"])
+    for ns, dev in links(nss):
+        nss.exec(ns, ["tc", "qdisc", "del", "dev", dev, "root"])
 
 
 def describe_tree(nss: Namespaces, notes: str) -> str:
@@ -327,10 +349,10 @@ def describe_tree(nss: Namespaces, notes: str) -> str:
     return "; ".join(parts + kept)
 
 
-def band_bytes(nss: Namespaces) -> dict[str, int]:
-    """Bytes sent per band of the qos tree (by class name); {} without the tree."""
+def band_bytes(nss: Namespaces, ns: str, dev: str) -> dict[str, int]:
+    """Bytes sent per band of ``dev``'s qos tree (by class name); {} without the tree."""
     out = nss.exec(
-        nss.a, [sys.executable, "-m", "meshlayer", "net", "qos", "show", "--dev", DEV_A, "--json"]
+        ns, [sys.executable, "-m", "meshlayer", "net", "qos", "show", "--dev", dev, "--json"]
     )
     view = json.loads(out[out.index("{") :])
     if not view.get("tree"):
@@ -424,23 +446,29 @@ def start_client_sidecar(stack: Stack, priority: str | None) -> None:
     stack.start("sidecar-client", stack.nss.a, argv)
 
 
+def start_server_sidecar(stack: Stack, priority: str | None) -> None:
+    extra = ["--priority", priority] if priority else []
+    argv = sidecar_argv(SERVICE, f"{B_ADDR}:{INBOUND_PORT}", stack.config, extra)
+    stack.start("sidecar-server", stack.nss.b, argv)
+
+
 def start_stack(stack: Stack, direct: bool) -> None:
     nss = stack.nss
     stats = stack.workdir / "app-stats.txt"
     stack.start(
         "app",
         nss.b,
-        [sys.executable, str(HERE), "app", "--port", str(APP_PORT), "--stats", str(stats)],
+        [sys.executable, str(HERE), "app", "--port", str(APP_PORT), "--stats", str(stats)]
+        + (["--mark"] if direct else []),
     )
     if direct:
         return
-    argv = sidecar_argv(SERVICE, f"{B_ADDR}:{INBOUND_PORT}", stack.config, [])
-    stack.start("sidecar-server", nss.b, argv)
+    start_server_sidecar(stack, None)
     start_client_sidecar(stack, None)
 
 
-def run_phase(stack: Stack, args: argparse.Namespace, bulk: int) -> dict[str, Any]:
-    """One worker run in ns a; returns its JSON plus the app's bulk goodput."""
+def run_phase(stack: Stack, args: argparse.Namespace, bulk: int, down: int) -> dict[str, Any]:
+    """One worker run in ns a; returns its JSON plus the app's bulk (upload) goodput."""
     out = stack.workdir / f"worker-{time.monotonic_ns()}.json"
     argv = [
         sys.executable,
@@ -448,6 +476,8 @@ def run_phase(stack: Stack, args: argparse.Namespace, bulk: int) -> dict[str, An
         "load",
         "--bulk",
         str(bulk),
+        "--down",
+        str(down),
         "--rate",
         str(args.wire_critical_rate),
         "--warmup",
@@ -490,6 +520,7 @@ def run_phase(stack: Stack, args: argparse.Namespace, bulk: int) -> dict[str, An
         if got is None:
             time.sleep(0.05)
     result["bulk_bps"] = None if got is None else got * 8 / (t1 - t0)
+    result["down_bps"] = result["down_bytes"] * 8 / result["down_seconds"]
     return result
 
 
@@ -530,10 +561,11 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def make_row(
-    phase: str, tree: str, result: dict[str, Any], bands: dict[str, int]
+    phase: str, tree: str, result: dict[str, Any], bands: dict[str, int], bands_down: dict[str, int]
 ) -> dict[str, Any]:
     lat = result["latencies_ms"]
     bulk = result.get("bulk_bps")
+    down = result["down_bps"] if result["down"] else None
     return {
         "phase": phase,
         "qdisc": tree,
@@ -548,7 +580,12 @@ def make_row(
         "bulk_share": None if bulk is None else bulk / RATE_BPS,
         "bulk_uploads": result["uploads"],
         "bulk_errors": result["bulk_errors"],
+        "down_flows": result["down"],
+        "down_mbps": None if down is None else down / 1e6,
+        "down_share": None if down is None else down / RATE_BPS,
+        "downloads": result["downloads"],
         "band_bytes": bands,
+        "band_bytes_down": bands_down,
         "statuses": result["statuses"],
         "cpu_percent": {k: round(v, 1) for k, v in result["cpu"].items()},
     }
@@ -610,14 +647,18 @@ def run_wire_case(args: argparse.Namespace) -> list[dict[str, Any]]:
                 current = want
             if phase.endswith("prio-off"):
                 stack.stop("sidecar-client")
+                stack.stop("sidecar-server")
+                start_server_sidecar(stack, "off")
                 start_client_sidecar(stack, "off")
-            bulk = args.wire_flows if phase.startswith("loaded") else 0
-            log(f"wire: {phase} ({bulk} bulk flows, {args.wire_duration:g} s) ...")
-            before = band_bytes(nss)
-            result = run_phase(stack, args, bulk)
-            after = band_bytes(nss)
-            moved = {k: after[k] - before.get(k, 0) for k in after}
-            row = make_row(phase, tree, result, moved)
+            loaded = phase.startswith("loaded")
+            bulk = args.wire_flows if loaded else 0
+            down = args.wire_down_flows if loaded else 0
+            log(f"wire: {phase} ({bulk}+{down} bulk flows, {args.wire_duration:g} s) ...")
+            before = [band_bytes(nss, *link) for link in links(nss)]
+            result = run_phase(stack, args, bulk, down)
+            after = [band_bytes(nss, *link) for link in links(nss)]
+            moved = [{k: a[k] - b.get(k, 0) for k in a} for a, b in zip(after, before, strict=True)]
+            row = make_row(phase, tree, result, *moved)
             rows.append(row)
             log("  " + _row_line(row))
             stack.check_alive()
@@ -644,7 +685,8 @@ def _exit_on_sigterm(*_: object) -> None:
 def _row_line(row: dict[str, Any]) -> str:
     return (
         f"critical p50 {_ms(row['p50_ms'])} p99 {_ms(row['p99_ms'])} ms "
-        f"({row['critical_ok']}/{row['critical_sent']} ok), bulk {_mbps(row)}; CPU % "
+        f"({row['critical_ok']}/{row['critical_sent']} ok), up {_mbps(row)}, "
+        f"down {_mbps(row, 'down')}; CPU % "
         + " ".join(f"{k} {v:.0f}" for k, v in row["cpu_percent"].items())
     )
 
@@ -653,10 +695,10 @@ def _ms(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}"
 
 
-def _mbps(row: dict[str, Any]) -> str:
-    if not row["bulk_flows"] or row["bulk_mbps"] is None:
+def _mbps(row: dict[str, Any], way: str = "bulk") -> str:
+    if not row.get(f"{way}_flows") or row.get(f"{way}_mbps") is None:
         return "—"
-    return f"{row['bulk_mbps']:.2f} Mbit/s ({row['bulk_share'] * 100:.1f} %)"
+    return f"{row[f'{way}_mbps']:.2f} Mbit/s ({row[f'{way}_share'] * 100:.1f} %)"
 
 
 # ---------------------------------------------------------------------------- report
@@ -680,18 +722,18 @@ def wire_checks(rows: Sequence[dict[str, Any]]) -> list[tuple[bool | None, str]]
         )
     else:
         out.append((None, "qos: critical p99 target needs unloaded/qos and loaded/qos"))
-    if loaded and loaded["bulk_share"] is not None:
-        ok = loaded["bulk_share"] >= TARGET_BULK_SHARE
-        out.append(
-            (
-                ok,
-                f"qos: bulk goodput {loaded['bulk_mbps']:.2f} Mbit/s = "
-                f"{loaded['bulk_share'] * 100:.1f} % of {RATE} "
-                f">= {TARGET_BULK_SHARE * 100:.0f} %",
+    for way, name in (("bulk", "upload"), ("down", "download")):
+        if loaded and loaded.get(f"{way}_share") is not None:
+            share = loaded[f"{way}_share"]
+            out.append(
+                (
+                    share >= TARGET_BULK_SHARE,
+                    f"qos: bulk {name} goodput {loaded[f'{way}_mbps']:.2f} Mbit/s = "
+                    f"{share * 100:.1f} % of {RATE} >= {TARGET_BULK_SHARE * 100:.0f} %",
+                )
             )
-        )
-    else:
-        out.append((None, "qos: bulk throughput target needs loaded/qos"))
+        else:
+            out.append((None, f"qos: bulk {name} throughput target needs loaded/qos"))
     if base and fifo and base["p99_ms"] and fifo["p99_ms"] is not None:
         growth = fifo["p99_ms"] / base["p99_ms"]
         ok = growth >= TARGET_FIFO_GROWTH
@@ -709,34 +751,42 @@ def wire_checks(rows: Sequence[dict[str, Any]]) -> list[tuple[bool | None, str]]
 
 HEADERS = (
     "phase",
-    "bulk",
+    "bulk up+down",
     "critical ok/sent",
     "p50 ms",
     "p99 ms",
     "max ms",
-    "bulk Mbit/s",
-    "% of 20M",
-    "bytes by band (crit/def/batch)",
+    "up Mbit/s",
+    "down Mbit/s",
+    "up bytes by band (crit/def/batch)",
+    "down bytes by band",
 )
 
 
+def _by_band(bands: dict[str, int]) -> str:
+    if not bands:
+        return "—"
+    return "/".join(_size(bands.get(k, 0)) for k in ("critical", "default", "batch"))
+
+
+def _rate_cell(row: dict[str, Any], way: str) -> str:
+    if not row.get(f"{way}_flows") or row.get(f"{way}_mbps") is None:
+        return "—"
+    return f"{row[f'{way}_mbps']:.2f} ({row[f'{way}_share'] * 100:.1f} %)"
+
+
 def _cells(row: dict[str, Any]) -> list[str]:
-    bands = row["band_bytes"]
-    by_band = "—"
-    if bands:
-        by_band = "/".join(_size(bands.get(k, 0)) for k in ("critical", "default", "batch"))
     return [
         row["phase"],
-        str(row["bulk_flows"]),
+        f"{row['bulk_flows']}+{row.get('down_flows', 0)}",
         f"{row['critical_ok']}/{row['critical_sent']}",
         _ms(row["p50_ms"]),
         _ms(row["p99_ms"]),
         _ms(row["max_ms"]),
-        "—" if not row["bulk_flows"] or row["bulk_mbps"] is None else f"{row['bulk_mbps']:.2f}",
-        "—"
-        if not row["bulk_flows"] or row["bulk_share"] is None
-        else f"{row['bulk_share'] * 100:.1f}",
-        by_band,
+        _rate_cell(row, "bulk"),
+        _rate_cell(row, "down"),
+        _by_band(row["band_bytes"]),
+        _by_band(row.get("band_bytes_down", {})),
     ]
 
 
@@ -794,6 +844,13 @@ def add_wire_arguments(
         help="bulk batch-class upload flows (default: %(default)s)",
     )
     p.add_argument(
+        f"{prefix}down-flows",
+        dest="wire_down_flows",
+        type=int,
+        default=4,
+        help="bulk batch-class download flows (default: %(default)s)",
+    )
+    p.add_argument(
         f"{prefix}critical-rate",
         dest="wire_critical_rate",
         type=float,
@@ -838,14 +895,25 @@ def add_wire_arguments(
 
 
 def app_main(argv: Sequence[str]) -> int:
-    """A tiny HTTP/1.1 server: counts request body bytes, answers small; stats to a file."""
+    """A tiny HTTP/1.1 server: counts request body bytes, answers small (``/download``:
+    1 MiB); stats to a file. ``--mark``: marks each accepted socket with its requests'
+    class, as a sidecar does (for ``--direct``)."""
     import httptools
+
+    from meshlayer.config.model import DEFAULT_PRIORITY_CLASSES
+    from meshlayer.proxy.netmarks import remark
 
     p = argparse.ArgumentParser(prog="priority_wire.py app")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--stats", required=True)
+    p.add_argument("--mark", action="store_true")
     a = p.parse_args(argv)
+    classes = {c.name.encode(): c for c in DEFAULT_PRIORITY_CLASSES}
     total = [0]
+    download = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (
+        DOWNLOAD_BYTES,
+        b"d" * DOWNLOAD_BYTES,
+    )
     ok_small = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n"
     ok_critical = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (
         len(CRITICAL_BODY),
@@ -857,6 +925,8 @@ def app_main(argv: Sequence[str]) -> int:
             self.parser = httptools.HttpRequestParser(self)
             self.transport: asyncio.Transport | None = None
             self.url = b""
+            self.cls = b""
+            self.marked: Any = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -871,13 +941,28 @@ def app_main(argv: Sequence[str]) -> int:
         def on_url(self, url: bytes) -> None:
             self.url = url
 
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if name.lower() == b"x-meshlayer-priority":
+                self.cls = value
+
         def on_body(self, body: bytes) -> None:
             total[0] += len(body)
 
         def on_message_complete(self) -> None:
             if self.transport is None:
                 return
-            self.transport.write(ok_small if self.url.startswith(b"/upload") else ok_critical)
+            marks = classes.get(self.cls)
+            if a.mark and marks is not None and marks is not self.marked:
+                sock = self.transport.get_extra_info("socket")
+                if sock is not None:
+                    remark(sock, self.marked, marks)
+                self.marked = marks
+            if self.url.startswith(b"/upload"):
+                self.transport.write(ok_small)
+            elif self.url.startswith(b"/download"):
+                self.transport.write(download)
+            else:
+                self.transport.write(ok_critical)
             if not self.parser.should_keep_alive():
                 self.transport.close()
 
@@ -907,6 +992,18 @@ def _loop_run(coro: Any) -> None:
 
 
 # ---------------------------------------------------------- load worker (runs in ns a)
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, int]:
+    """Read a response head with a Content-Length; returns (status, length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return int(lines[0].split()[1]), length
 
 
 async def read_response(reader: asyncio.StreamReader) -> int:
@@ -943,6 +1040,11 @@ class Worker:
     sent: int = 0
     failed: int = 0
     uploads: int = 0
+    downloads: int = 0
+    down_bytes: int = 0
+    """Download body bytes received inside the measured window (``t0``..``t1``)."""
+    t0: float = 0.0
+    t1: float = 0.0
     bulk_errors: int = 0
     latencies: list[float] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
@@ -992,6 +1094,34 @@ class Worker:
                         self.bulk_errors += 1
                         await asyncio.sleep(0.05)
                     self.uploads += 1
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                self.bulk_errors += 1
+                await asyncio.sleep(0.1)
+            finally:
+                if writer is not None:
+                    writer.close()
+
+    async def download(self, stop: asyncio.Event) -> None:
+        head = self.head("GET", "/download", "batch", None)
+        while not stop.is_set():
+            writer = None
+            try:
+                reader, writer = await self.connect("batch")
+                while not stop.is_set():
+                    writer.write(head)
+                    status, left = await read_head(reader)
+                    while left > 0:
+                        piece = await reader.read(min(left, CHUNK))
+                        if not piece:
+                            raise asyncio.IncompleteReadError(b"", left)
+                        left -= len(piece)
+                        now = time.monotonic()
+                        if self.t0 <= now <= self.t1:
+                            self.down_bytes += len(piece)
+                    if status != 200:
+                        self.bulk_errors += 1
+                        await asyncio.sleep(0.05)
+                    self.downloads += 1
             except (OSError, asyncio.IncompleteReadError, ValueError):
                 self.bulk_errors += 1
                 await asyncio.sleep(0.1)
@@ -1063,12 +1193,13 @@ async def load_run(a: argparse.Namespace) -> dict[str, Any]:
     w = Worker(host, port, a.direct)
     await w.ready()
     stop = asyncio.Event()
+    start = time.monotonic()
+    t0 = w.t0 = start + a.warmup
+    t1 = w.t1 = t0 + a.duration
     bulk = [asyncio.create_task(w.bulk(stop)) for _ in range(a.bulk)]
+    bulk += [asyncio.create_task(w.download(stop)) for _ in range(a.down)]
     rng = random.Random(a.seed)
     calls: set[asyncio.Task[None]] = set()
-    start = time.monotonic()
-    t0 = start + a.warmup
-    t1 = t0 + a.duration
     intended = start
     cpu0 = 0.0
     while True:
@@ -1103,6 +1234,10 @@ async def load_run(a: argparse.Namespace) -> dict[str, Any]:
         "latencies_ms": w.latencies,
         "statuses": w.statuses,
         "uploads": w.uploads,
+        "down": a.down,
+        "downloads": w.downloads,
+        "down_bytes": w.down_bytes,
+        "down_seconds": t1 - t0,
         "bulk_errors": w.bulk_errors,
         "worker_cpu": cpu,
     }
@@ -1111,6 +1246,7 @@ async def load_run(a: argparse.Namespace) -> dict[str, Any]:
 def load_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="priority_wire.py load")
     p.add_argument("--bulk", type=int, default=4)
+    p.add_argument("--down", type=int, default=4)
     p.add_argument("--rate", type=float, default=50.0)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--duration", type=float, default=20.0)
@@ -1147,7 +1283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run_wire_case(args)
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
-        f"\nwire case — {when}, {platform.release()}, {args.wire_flows} bulk flows, "
+        f"\nwire case — {when}, {platform.release()}, {args.wire_flows} upload + "
+        f"{args.wire_down_flows} download bulk flows, "
         f"critical {args.wire_critical_rate:g}/s, {args.wire_duration:g} s per phase"
         + (", direct (no sidecars)" if args.wire_direct else ", through the sidecars")
         + (", SCHED_FIFO" if args.wire_rt else "")

@@ -29,7 +29,8 @@ timeout, Ctrl-C) leaves nothing behind. The server script runs in its own
 session; it passes SIGTERM on to the VM and waits for it, and its process
 group (the script, the VM and its helpers) can be killed as one.
 :class:`Process` and :func:`stop_all` are a minimal such child and its stop;
-the demo brings its own (``meshlayer.demo.procs.Child``).
+the demo brings its own (``meshlayer.demo.procs.Child``); both start it as
+``meshlayer.child.LoggedChild`` does.
 
 The node is ready when its AMQP port answers a protocol header with
 ``Connection.Start``: the listener opens only once the boot is complete.
@@ -48,7 +49,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol, TypeVar
+from typing import Protocol, TypeVar
+
+from meshlayer.child import LoggedChild
 
 HOST = "127.0.0.1"
 """Every port of the node listens here only."""
@@ -249,37 +252,15 @@ def find_tools() -> tuple[str, str] | str:
     return server, epmd
 
 
-class Process:
-    """A child in its own session (its process group is it and what it starts), output in a log."""
+class Process(LoggedChild):
+    """A child in its own session (its process group is it and what it starts), output
+    in a log in the log's directory."""
 
     def __init__(self, label: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
-        self.label = label
-        self.log = log
-        self._fh: IO[bytes] = log.open("wb")
-        self.popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-            cwd=str(log.parent),
-            env=env,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def running(self) -> bool:
-        return self.popen.poll() is None
+        super().__init__(label, argv, log, env, cwd=log.parent)
 
     def tail(self, chars: int = 3000) -> str:
-        if not self._fh.closed:
-            self._fh.flush()
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        return self.log_text()[-chars:]
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM; after ``timeout`` s SIGKILL to its process group. Idempotent."""
@@ -294,7 +275,7 @@ class Process:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(5)
-        self._fh.close()
+        self.close()
 
 
 def stop_all(children: Iterable[Process], timeout: float = 15.0) -> None:

@@ -11,6 +11,7 @@ AF_PACKET socket.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import shutil
@@ -19,12 +20,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.netns import B_V4, DEV_B, NetnsPair, env, netns_unavailable
+from tests.support.netns import B_V4, DEV_B, NetnsPair, env
 from tests.support.procs import (
     ROOT,
     Cluster,
@@ -208,6 +208,46 @@ def _stuck_batch(sc: Sidecar, up: Upstream) -> tuple[threading.Thread, list[int]
     return t, result
 
 
+def _client_sends(client: http.client.HTTPConnection, cls: str | None) -> None:
+    client.request("GET", "/", headers={"Host": "catalog", **({HEADER: cls} if cls else {})})
+    resp = client.getresponse()
+    resp.read()
+    assert resp.status == 200
+
+
+def test_accepted_sockets_carry_the_class_of_their_response(cluster: Cluster) -> None:
+    """The response bytes leave on the listener's accepted socket: it gets the class's
+    marks once classified, and is re-marked when a later request's class differs."""
+    up, sc = _start(cluster, [])
+    for listener in (sc.outbound, sc.inbound):
+        client = http.client.HTTPConnection("127.0.0.1", listener, timeout=10)
+        try:
+            client.connect()
+            assert client.sock is not None
+            port = client.sock.getsockname()[1]
+            assert _ss_marks(listener, port) == WANT["default"]  # accepted: the defaults
+            for cls in ("batch", "batch", "critical", "default", "batch", None):
+                _client_sends(client, cls)
+                want = WANT[cls or "default"]  # no class: the service's default
+                assert _ss_marks(listener, port) == want, (listener, cls)
+        finally:
+            client.close()
+    # priority off: every accepted socket carries the default class's marks
+    sc2 = cluster.sidecar(
+        service_yaml("catalog", [up.address]) + DEFAULT_AF21,
+        service="web2",
+        extra=["--priority", "off"],
+    )
+    client = http.client.HTTPConnection("127.0.0.1", sc2.outbound, timeout=10)
+    try:
+        _client_sends(client, "batch")
+        assert client.sock is not None
+        port = client.sock.getsockname()[1]
+        assert _ss_marks(sc2.outbound, port) == (0x48, 2, KERNEL_CC)
+    finally:
+        client.close()
+
+
 LIMITS = "circuitBreaker: {maxConnections: 1, maxPendingRequests: 0}"
 
 
@@ -332,19 +372,6 @@ def test_priority_flag_help_and_validation() -> None:
 
 
 # --- on the wire, between two network namespaces --------------------------------------
-
-
-@pytest.fixture
-def netns() -> Iterator[NetnsPair]:
-    why = netns_unavailable()
-    if why:
-        pytest.skip(why)
-    pair = NetnsPair()
-    try:
-        pair.create()
-        yield pair
-    finally:
-        pair.remove()
 
 
 UP_PORT, OUT_PORT, IN_PORT, ADMIN_PORT = 18080, 15001, 15006, 15090

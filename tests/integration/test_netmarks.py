@@ -17,7 +17,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from meshlayer.proxy.netmarks import (
     marked_socket,
     read_marks,
 )
-from tests.support.netns import B_V4, B_V6, DEV_A, DEV_B, NetnsPair, netns_unavailable
+from tests.support.netns import B_V4, B_V6, DEV_A, DEV_B, NetnsPair
 from tests.support.procs import ROOT, Cluster, run_meshlayer
 
 PORT = 40999
@@ -119,19 +118,6 @@ def test_so_priority_above_6_needs_net_admin() -> None:
 
 
 # --- network namespaces -------------------------------------------------------------
-
-
-@pytest.fixture
-def netns() -> Iterator[NetnsPair]:
-    why = netns_unavailable()
-    if why:
-        pytest.skip(why)
-    pair = NetnsPair()
-    try:
-        pair.create()
-        yield pair
-    finally:
-        pair.remove()
 
 
 SNIFFER = """

@@ -27,6 +27,9 @@ Answers other than /echo, /bytes, /ws and /bad-framing carry
 
 Flags ``--delay-ms N`` (delay every response) and ``--fail-status CODE``
 (answer every request but /stats with CODE) make slow or failing replicas.
+``--workers N`` makes the delay real work: N workers, each busy for the delay
+per request, so requests beyond N queue inside the app and latency grows with
+concurrency (without it the delay is a sleep, whatever the concurrency).
 
 Every raw byte received is counted, so a test can check that a refused request
 never reached the upstream.
@@ -47,6 +50,7 @@ NAME = "upstream"
 DELAY_MS = 0  # --delay-ms: every response is delayed this long
 FAIL_STATUS = 0  # --fail-status: every request except /stats gets this status
 HEALTH_FILE = ""  # --health-file: /health answers 503 while this file exists
+WORKERS: asyncio.Semaphore | None = None  # --workers: the delay holds one of N workers
 CHUNK = 256 * 1024
 
 
@@ -119,6 +123,9 @@ async def route(
     global DELAY_MS
     if path.startswith("/set-delay/"):  # a service time that changes under load
         DELAY_MS = int(path.split("/")[2])
+    elif DELAY_MS and WORKERS is not None:
+        async with WORKERS:
+            await asyncio.sleep(DELAY_MS / 1000)
     elif DELAY_MS:
         await asyncio.sleep(DELAY_MS / 1000)
     if FAIL_STATUS and path != "/stats":
@@ -223,7 +230,10 @@ async def route(
     return True
 
 
-async def main(host: str, port: int) -> None:
+async def main(host: str, port: int, workers: int = 0) -> None:
+    global WORKERS
+    if workers:
+        WORKERS = asyncio.Semaphore(workers)
     server = await asyncio.start_server(handle, host, port, reuse_address=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -242,9 +252,10 @@ if __name__ == "__main__":
     ap.add_argument("--delay-ms", type=int, default=0, help="delay every response")
     ap.add_argument("--fail-status", type=int, default=0, help="answer everything so")
     ap.add_argument("--health-file", default="", help="/health fails while this file exists")
+    ap.add_argument("--workers", type=int, default=0, help="the delay holds one of N workers")
     a = ap.parse_args()
     NAME = a.name
     DELAY_MS = a.delay_ms
     FAIL_STATUS = a.fail_status
     HEALTH_FILE = a.health_file
-    asyncio.run(main(a.host, a.port))
+    asyncio.run(main(a.host, a.port, a.workers))

@@ -54,12 +54,12 @@ class W:
 
 
 def enter(adm: AdmissionControl, w: W, now: float) -> MeshError | None:
-    """What the exchange does: the fast path, else ``arrive``."""
-    if adm.in_use < adm.limit and not adm.queued:
-        adm.in_use += 1
+    """What the exchange does: ``AdmissionControl.enter`` (the fast path, else ``arrive``);
+    admitted at once, it goes on (here: records it)."""
+    got = adm.enter(w, w.cls, now)
+    if got is True:
         w.admitted(now)
-        return None
-    return adm.arrive(w, w.cls, now)
+    return None if isinstance(got, bool) else got
 
 
 def fixed(n: int) -> AdmissionControl:
@@ -367,6 +367,23 @@ def test_probe_remeasures_the_no_load_latency() -> None:
     assert adm.limit > dropped  # 40 ms is the new normal: the limit grows again
 
 
+@pytest.mark.parametrize(("workers", "at_most"), [(1, 3), (4, 10)])
+def test_adaptive_limit_settles_near_the_app_concurrency(workers: int, at_most: float) -> None:
+    """An app serving ``workers`` at a time at 2 ms each, under more demand than it can take:
+    latency grows with what is admitted past its workers, and the limit settles at about
+    twice its concurrency (latency near ``tolerance`` times the minimum), not at sqrt's
+    floor of 4, where a one-at-a-time app keeps three requests waiting in it."""
+    g = GradientLimit(Admission(initial_limit=20, min_limit=1), random.Random(1))
+    now = 0.1
+    g.update(0.002, 1, False, now)  # light load first: the no-load latency
+    for _ in range(300):  # windows
+        rtt = 0.002 * max(1.0, g.limit / workers)
+        now += 0.1
+        g.update(rtt, g.limit, True, now)
+    assert g.limit <= at_most
+    assert g.limit >= workers
+
+
 def test_gradient_never_more_than_halves_per_window() -> None:
     g = GradientLimit(Admission(initial_limit=100, max_limit=1000), random.Random(1))
     g.update(0.01, 100, True, 0.0)
@@ -443,3 +460,181 @@ def test_admission_keeps_working_when_a_class_changes() -> None:
     batch2 = ClassTable(strict).by_name["batch"]
     err = adm.arrive(W(batch2, 0.0), batch2, 0.0)
     assert err is not None and "full" in err.message
+
+
+# -- review fixes ----------------------------------------------------------------------
+
+
+def test_fast_errors_are_not_latency_samples() -> None:
+    """A burst of 1 ms sheds (or 5xx) must not become the no-load latency."""
+    adm = adaptive(initial_limit=40, min_limit=2, max_limit=200)
+    assert adm.adaptive is not None
+    now = run_windows(adm, 0.010, load=None, windows=5, now=0.0)
+    before = adm.limit
+    for _ in range(200):  # 200 ms of sheds from a peer, 1 ms each
+        now += 0.001
+        adm.in_use = adm.limit
+        adm.sample(0.001, now, ok=False)
+    now = run_windows(adm, 0.010, load=None, windows=10, now=now)
+    assert adm.adaptive.min_rtt == pytest.approx(0.010)
+    assert adm.limit >= before
+
+
+def test_a_window_of_mostly_errors_does_not_lower_the_baseline() -> None:
+    adm = adaptive(initial_limit=40)
+    assert adm.adaptive is not None
+    now = run_windows(adm, 0.010, load=None, windows=3, now=0.0)
+    for _ in range(5):  # a window: 5 fast successes among 50 errors
+        for _ in range(10):
+            adm.sample(0.001, now, ok=False)
+        now += 0.03
+        adm.sample(0.002, now)
+    assert adm.adaptive.min_rtt == pytest.approx(0.010)
+
+
+def test_latency_that_rises_while_the_limit_is_not_binding_does_not_shrink_it() -> None:
+    """A frontend waiting on a slow backend: 8 in use of 20, latency 8x. Shrinking the
+    limit would only cut throughput (finding: end-to-end latency is not congestion)."""
+    adm = adaptive(initial_limit=20, min_limit=2)
+    now = run_windows(adm, 0.010, load=8, windows=5, now=0.0)
+    run_windows(adm, 0.080, load=8, windows=30, now=now)
+    assert adm.limit == 20
+
+
+def stalled(n: int, now: float) -> AdmissionControl:
+    """A fixed limit ``n``, 10 ms service time learned, all ``n`` slots taken at ``now``."""
+    adm = fixed(n)
+    learn_service_time(adm, 0.010, now - 1.0)
+    t = table()
+    crit = t.by_name["critical"]
+    for _ in range(n):
+        assert enter(adm, W(crit, now), now) is None
+    return adm
+
+
+def test_a_stalled_app_sheds_at_arrival_and_from_the_only_queue() -> None:
+    adm = stalled(2, 10.0)
+    crit = table().by_name["critical"]  # target 0.5 s
+    early = [W(crit, 10.0) for _ in range(3)]
+    assert [enter(adm, w, 10.0) for w in early] == [None] * 3  # 10 ms each: fits
+    late = W(crit, 10.2)
+    assert enter(adm, late, 10.2) is None  # 200 ms without progress: still fits
+    err = enter(adm, W(crit, 10.5), 10.5)  # 500 ms: the wait is predicted from the stall
+    assert err is not None and err.reason == "shed"
+    adm.tick(11.1)  # the early heads waited 1.1 s > 2 x 0.5 s: shed, not left to time out
+    assert all(w.err is not None and w.err.reason == "shed" for w in early)
+    assert late.err is None and adm.queued == 1
+
+
+def test_a_late_class_trims_lower_classes_upward_until_it_fits() -> None:
+    t = table(critical=0.3, default=2.0, batch=2.0)
+    adm = fixed(1)
+    learn_service_time(adm, 0.1, 0.0)
+    crit, default, batch = (t.by_name[n] for n in ("critical", "default", "batch"))
+    assert enter(adm, W(crit, 1.0), 1.0) is None  # holds the slot
+    lows = [W(c, 1.0) for c in (default, batch) for _ in range(10)]
+    assert [enter(adm, w, 1.0) for w in lows] == [None] * 20
+    for _ in range(2):
+        assert enter(adm, W(crit, 1.0), 1.0) is None
+    adm.tick(1.35)  # critical's head is late
+    by_class = {q.name: q.count for q in adm.classes()}
+    assert by_class["batch"] < 10 and by_class["default"] < 10, by_class
+    assert by_class["critical"] == 2
+    newest_first = [w.err is not None for w in lows[:10]]
+    assert newest_first == sorted(newest_first)  # the newest default requests went
+
+
+def test_make_room_sheds_the_newest_waiter_of_a_lower_class() -> None:
+    t = table(batch=60)
+    adm = fixed(1)
+    crit, batch = t.by_name["critical"], t.by_name["batch"]
+    assert enter(adm, W(crit, 0.0), 0.0) is None
+    ws = [W(batch, 0.0) for _ in range(2)]
+    assert [enter(adm, w, 0.0) for w in ws] == [None, None]
+    assert not adm.make_room(batch, 0.0)  # equal rank gives way to nobody
+    assert adm.make_room(crit, 0.0)
+    assert ws[0].err is None and ws[1].err is not None and ws[1].err.reason == "shed"
+    assert adm.queued == 1
+
+
+def test_no_probe_while_requests_queue() -> None:
+    """Pinning the limit at minLimit under a queue is a latency spike every minute."""
+    adm = adaptive(initial_limit=20, min_limit=2, probe_interval=1.0)
+    assert adm.adaptive is not None
+    crit = table(critical=60).by_name["critical"]
+    now = run_windows(adm, 0.010, load=None, windows=3, now=0.0)
+    adm.in_use = adm.limit
+    for _ in range(100):  # a backlog that lasts
+        assert adm.arrive(W(crit, now), crit, now) is None
+    for _ in range(300):  # 3.6 s: past the probe time; every slot stays taken
+        now += 0.012
+        adm.sample(0.010, now)
+        assert adm.queued and not adm.adaptive.probing
+    assert adm.limit > 2
+
+
+def test_a_waiter_that_raises_does_not_keep_its_slot(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(W):
+        def admitted(self, now: float) -> None:
+            raise RuntimeError("boom")
+
+    adm = fixed(1)
+    crit = table().by_name["critical"]
+    assert enter(adm, W(crit, 0.0), 0.0) is None
+    assert adm.arrive(Broken(crit, 0.0), crit, 0.0) is None
+    ok = W(crit, 0.0)
+    assert adm.arrive(ok, crit, 0.0) is None
+    with caplog.at_level(logging.ERROR, "meshlayer.admission"):
+        adm.release(0.1)
+    assert ok.admitted_at == 0.1 and adm.in_use == 1 and adm.queued == 0
+    assert "admitted waiter failed" in caplog.text
+
+
+def test_leave_is_a_tombstone_that_dispatch_skips() -> None:
+    adm = fixed(1)
+    crit = table().by_name["critical"]
+    order: list[W] = []
+    assert enter(adm, W(crit, 0.0), 0.0) is None
+    ws = [W(crit, 0.0, order) for _ in range(4)]
+    for w in ws:
+        assert adm.arrive(w, crit, 0.0) is None
+    assert adm.leave(ws[0]) and adm.leave(ws[2])
+    assert not adm.leave(ws[0])
+    assert adm.queued == 2 and next(adm.classes()).count == 2
+    for i in range(3):
+        adm.release(0.1 * (i + 1))
+    assert order == [ws[1], ws[3]]
+    assert adm.queued == 0 and not adm._left
+
+
+def test_removed_classes_are_forgotten_once_empty() -> None:
+    adm = fixed(1)
+    t = table()
+    crit, batch = t.by_name["critical"], t.by_name["batch"]
+    assert enter(adm, W(crit, 0.0), 0.0) is None
+    assert adm.arrive(W(batch, 0.0), batch, 0.0) is None
+    adm.keep_classes({"critical", "default"})
+    assert [q.name for q in adm.classes()] == ["batch"]  # still has a waiter
+    adm.release(0.01)
+    adm.keep_classes({"critical", "default"})
+    assert list(adm.classes()) == []
+
+
+def test_reconfigure_keeps_slots_and_queues() -> None:
+    adm = fixed(1)
+    crit = table().by_name["critical"]
+    assert enter(adm, W(crit, 0.0), 0.0) is None
+    ws = [W(crit, 0.0) for _ in range(3)]
+    for w in ws:
+        assert adm.arrive(w, crit, 0.0) is None
+    adm.reconfigure(Admission(2), 0.5)
+    assert (adm.limit, adm.in_use, adm.queued) == (2, 2, 2)
+    assert ws[0].admitted_at == 0.5
+    adm.reconfigure(Admission("unlimited"), 0.6)  # everyone waiting goes
+    assert adm.queued == 0 and all(w.admitted_at is not None for w in ws)
+
+
+def test_config_probe_interval_spans_ten_windows() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_documents(service("inbound: {sampleWindow: 1s, probeInterval: 5s}"), "t")
+    assert "spec.inbound.probeInterval: must be at least 10 x sampleWindow" in str(info.value)

@@ -166,3 +166,33 @@ def test_literal_addresses_skip_the_resolver() -> None:
     assert _literal_family("127.0.0.1") == socket.AF_INET
     assert _literal_family("::1") == socket.AF_INET6
     assert _literal_family("catalog.internal") is None
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_remark_changes_an_established_socket_and_back(family: int) -> None:
+    """The response direction: an accepted socket is re-marked per class, and None
+    (the kernel's defaults) restores the default congestion control by name."""
+    from dataclasses import replace
+
+    from meshlayer.proxy.netmarks import default_congestion_control, read_marks, remark
+
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    try:
+        listener = socket.create_server((host, 0), family=family)
+    except OSError:
+        pytest.skip(f"no {host}")
+    with listener, socket.create_connection(listener.getsockname()[:2]) as client:
+        sock, _ = listener.accept()
+        with sock:
+            kernel = read_marks(sock)
+            assert kernel.dscp == 0 and kernel.so_priority == 0
+            assert kernel.congestion_control == default_congestion_control()
+            batch = replace(DEFAULTS["batch"], congestion_control="reno")
+            remark(sock, None, batch)
+            assert read_marks(sock) == SocketMarks(8, 1, "reno")
+            remark(sock, batch, DEFAULTS["critical"])
+            assert read_marks(sock) == SocketMarks(46, 6, kernel.congestion_control)
+            remark(sock, DEFAULTS["critical"], None)
+            assert read_marks(sock) == kernel
+            sock.sendall(b"still a working socket")
+            assert client.recv(100) == b"still a working socket"

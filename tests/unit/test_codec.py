@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import h11
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -19,8 +17,6 @@ from meshlayer.proxy.codec import (
     ResponseParser,
     TunnelData,
 )
-from meshlayer.proxy.codec import request as request_module
-from meshlayer.proxy.codec import response as response_module
 from meshlayer.proxy.codec.events import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE
 from meshlayer.proxy.codec.serialize import (
     build_head,
@@ -30,15 +26,8 @@ from meshlayer.proxy.codec.serialize import (
     last_chunk,
 )
 
-
-@pytest.fixture(autouse=True, scope="module", params=["fields", "blocks"])
-def parser_mode(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test here runs with heads taken field by field (as interpreted) and in
-    one block (as compiled by mypyc)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(request_module, "_NATIVE", request.param == "blocks")
-        mp.setattr(response_module, "_NATIVE", request.param == "blocks")
-        yield request.param
+# Every test here runs with heads taken field by field and in one block (conftest).
+pytestmark = pytest.mark.usefixtures("parser_mode")
 
 
 def parse(data: bytes) -> list[object]:

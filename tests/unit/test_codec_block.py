@@ -9,7 +9,6 @@ heads, fields, bodies and trailers, and refuse exactly what llhttp refuses.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import httptools
 import pytest
@@ -25,21 +24,12 @@ from meshlayer.proxy.codec import (
     ResponseHead,
     ResponseParser,
 )
-from meshlayer.proxy.codec import request as request_module
-from meshlayer.proxy.codec import response as response_module
 from meshlayer.proxy.codec.block import native, take_head
 from meshlayer.proxy.codec.chunked import TOO_LARGE, ChunkedEnd
 from meshlayer.proxy.codec.events import split_rows
 
-
-@pytest.fixture(autouse=True, scope="module", params=["fields", "blocks"])
-def parser_mode(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test here runs with heads taken field by field (as interpreted) and in
-    one block (as compiled by mypyc)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(request_module, "_NATIVE", request.param == "blocks")
-        mp.setattr(response_module, "_NATIVE", request.param == "blocks")
-        yield request.param
+# Every test here runs with heads taken field by field and in one block (conftest).
+pytestmark = pytest.mark.usefixtures("parser_mode")
 
 
 Seen = list[tuple[object, ...]]

@@ -81,7 +81,16 @@ def test_apply_commands_build_the_tree() -> None:
     ]
     assert "qdisc add dev eth0 parent 1:12 handle 12: fq_codel" in lines
     filters = [c for c in cmds if c.args[0] == "filter"]
-    # SO_PRIORITY first (optional), then DSCP for IPv4 and IPv6; none for the default band.
+    # Pure ACKs to the top band, then SO_PRIORITY (optional), then DSCP for IPv4 and IPv6;
+    # none for the default band.
+    acks, filters = filters[:2], filters[2:]
+    assert [" ".join(c.args[6:]) for c in acks] == [
+        "protocol ip prio 1 u32 match ip protocol 6 0xff match u8 0x05 0x0f at 0 "
+        "match u16 0x0000 0xffc0 at 2 match u8 0x10 0xff at 33 flowid 1:10",
+        "protocol ipv6 prio 2 u32 match ip6 protocol 6 0xff "
+        "match u16 0x0000 0xffc0 at 4 match u8 0x10 0xff at 53 flowid 1:10",
+    ]
+    assert not any(c.optional for c in acks)
     assert [c.optional for c in filters[:2]] == [SO_PRIORITY_FILTERS] * 2
     assert filters[0].args[-4:] == ("match", "meta(priority eq 6)", "flowid", "1:10")
     assert [" ".join(c.args[6:]) for c in filters[2:]] == [
@@ -101,7 +110,7 @@ def test_shared_marks_go_to_the_more_important_class() -> None:
     ]
     filters = [c for c in apply_commands("eth0", classes, 10**8) if c.args[0] == "filter"]
     assert {c.args[-1] for c in filters} == {"1:10"}  # gold
-    assert len(filters) == 3
+    assert len(filters) == 5  # 2 pure-ACK, 1 SO_PRIORITY, 2 DSCP
 
 
 def test_pfifo_leaf_and_refusals() -> None:

@@ -4,6 +4,8 @@
 :mod:`meshlayer.proxy.admission`), ``unlimited``, or a fixed integer >= 1.
 The tuning fields only mean something for ``adaptive``; given with another
 mode they are errors, so a typo in the mode cannot silently drop them.
+``probeInterval`` must span at least ten ``sampleWindow``s: each probe costs a
+window or more at ``minLimit``, so it has to be a rare event.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
     from meshlayer.config.load import _Reader
 
 MAX_LIMIT = 1_000_000
+PROBE_WINDOWS = 10  # probeInterval >= this many sampleWindows: a probe is a rare event
 _TUNING = ("initialLimit", "minLimit", "maxLimit", "tolerance", "sampleWindow", "probeInterval")
 
 
@@ -53,14 +56,22 @@ def parse_admission(spec: _Reader, key: str, default: Admission) -> Admission:
             "initialLimit",
             f"must be between minLimit ({minimum}) and maxLimit ({maximum}), got {initial}",
         )
+    window = r.duration("sampleWindow", base.sample_window)
+    probe = r.duration("probeInterval", base.probe_interval)
+    if probe < PROBE_WINDOWS * window:
+        raise r.error(
+            "probeInterval",
+            f"must be at least {PROBE_WINDOWS} x sampleWindow ({PROBE_WINDOWS * window:g}s), "
+            f"got {probe:g}s",
+        )
     admission = Admission(
         "adaptive",
         initial_limit=initial,
         min_limit=minimum,
         max_limit=maximum,
         tolerance=r.number("tolerance", base.tolerance, 1.0, 100.0),
-        sample_window=r.duration("sampleWindow", base.sample_window),
-        probe_interval=r.duration("probeInterval", base.probe_interval),
+        sample_window=window,
+        probe_interval=probe,
     )
     r.finish()
     return admission

@@ -19,9 +19,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
 
 import meshlayer
+from meshlayer.child import LoggedChild
 
 HOST = "127.0.0.1"
 STOP_TIMEOUT = 10.0
@@ -56,41 +56,15 @@ def child_env() -> dict[str, str]:
     return env
 
 
-class Child:
+class Child(LoggedChild):
     """A child process started by the demo, its output in a log file."""
 
     def __init__(self, label: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
-        self.label = label
-        self.log = log
-        self._fh: IO[bytes] = log.open("wb")
-        self.popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-            # Its own session: a Ctrl-C reaches the demo only, which then stops every child.
-            start_new_session=True,
-            preexec_fn=_parent_death_signal(),
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def running(self) -> bool:
-        return self.popen.poll() is None
+        # Its own session: a Ctrl-C reaches the demo only, which then stops every child.
+        super().__init__(label, argv, log, env, preexec_fn=_parent_death_signal())
 
     def tail(self, lines: int = 15) -> str:
-        self._fh.flush()
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.rstrip("\n").splitlines()[-lines:])
-
-    def close(self) -> None:
-        self._fh.close()
+        return "\n".join(self.log_text().rstrip("\n").splitlines()[-lines:])
 
 
 def stop_children(children: Sequence[Child], say: Callable[[str], None]) -> None:

@@ -19,10 +19,15 @@ and filters on the root that pick the band of a packet:
   socket's ``SO_PRIORITY``: the host-local mark. These are optional: kernels
   built without ``cls_basic``/``em_meta`` still classify by DSCP.
 
-Priority filters come first (a nonzero SO_PRIORITY is set deliberately),
-then DSCP. The default band (the class named ``default``, else the lowest
-ranked) needs no filters: HTB's ``default`` sends everything else there. When
-two classes share a mark, the more important one gets it.
+Pure TCP ACKs (no payload: IPv4 total length or IPv6 payload length under
+64 bytes, flags exactly ACK) go to the most important band before anything
+else: a flow's ACKs share the link with the opposite direction's bulk data,
+and an ACK stuck behind a batch queue throttles its own flow (a download's
+ACKs behind uploads), the trick wondershaper and most home routers use.
+Then priority filters (a nonzero SO_PRIORITY is set deliberately), then
+DSCP. The default band (the class named ``default``, else the lowest ranked)
+needs no filters: HTB's ``default`` sends everything else there. When two
+classes share a mark, the more important one gets it.
 
 Band minors are hexadecimal in ``tc`` (``1:10`` is 0x10), so at most 216
 classes fit (0x10..0xe7); far more than anyone should configure.
@@ -183,9 +188,19 @@ def leaf_command(dev: str, band: Band, leaf: str) -> Command:
 
 
 def filter_commands(dev: str, bands: Sequence[Band]) -> list[Command]:
-    """Filters mapping SO_PRIORITY, then DSCP, to bands (none for the default band)."""
-    cmds: list[Command] = []
+    """Filters mapping pure ACKs, SO_PRIORITY, then DSCP, to bands (none for the default)."""
     head = f"filter add dev {dev} parent {ROOT} protocol"
+    top = bands[0].classid
+    cmds: list[Command] = [  # IHL 5, length < 64, TCP flags == ACK (IPv6: no ext. headers)
+        _tc(
+            f"{head} ip prio 1 u32 match ip protocol 6 0xff match u8 0x05 0x0f at 0 "
+            f"match u16 0x0000 0xffc0 at 2 match u8 0x10 0xff at 33 flowid {top}"
+        ),
+        _tc(
+            f"{head} ipv6 prio 2 u32 match ip6 protocol 6 0xff "
+            f"match u16 0x0000 0xffc0 at 4 match u8 0x10 0xff at 53 flowid {top}"
+        ),
+    ]
     pref = 10
     taken: set[int] = set()
     for b in bands:

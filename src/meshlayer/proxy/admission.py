@@ -8,23 +8,28 @@ socket; callers pass ``now`` (``time.monotonic``) and get decisions back, and
 a queued request is a ``Waiter`` that is told ``admitted(now)`` or
 ``shed(err)``.
 
-*Fast path.* ``in_use < limit and not queued``: the caller takes a slot
-itself (``in_use += 1``) — two attribute reads and one write. Everything else
-here runs only when requests have to wait.
+*Fast path* (``enter``): ``in_use < limit and not queued``: take a slot
+(``in_use += 1``, stamp ``last_done``) and go on (no callback). Everything else here runs only
+when requests have to wait.
 
 *Limit.* Fixed, or adaptive (``GradientLimit``, the gradient idea of
 Netflix's concurrency-limits and Envoy's adaptive_concurrency): each request
-reports its latency from admission to response head (``sample``); per window
-of ``sampleWindow`` seconds (at least ``MIN_SAMPLES`` samples) the window's
-mean ``rtt`` is compared with the no-load minimum ``min_rtt``:
-``gradient = clamp(min_rtt * tolerance / rtt, 0.5, 1)``, ``new = limit *
-gradient + sqrt(limit)`` (headroom), smoothed ``limit += 0.2 * (new -
-limit)`` and clamped to ``[minLimit, maxLimit]``. The limit does not grow
-while the destination is app-limited (mean load under half the limit and
-nothing queued). Every ``probeInterval`` (jittered) the limit is pinned at
-``minLimit`` until a window of samples taken at that concurrency re-measures
-``min_rtt``, then restored: latency that rose for good becomes the new
-baseline instead of throttling forever.
+reports its latency from admission to response head (``sample``; a 5xx or a
+peer's shed is a drop, not a sample; a request that ends without a head
+reports a lower bound); per window of ``sampleWindow`` seconds (at least
+``MIN_SAMPLES`` samples) the window's mean ``rtt`` is compared with the
+no-load minimum ``min_rtt``: ``gradient = clamp(min_rtt * tolerance / rtt,
+0.5, 1)``, ``new = limit * gradient + headroom(limit)`` (``sqrt(limit)``,
+``limit / 4`` below 16: see :func:`headroom`), smoothed
+``limit += 0.2 * (new - limit)`` and clamped to ``[minLimit, maxLimit]``.
+The limit moves only while it binds (mean load at least half the limit, or
+something queued): otherwise demand sets the concurrency and latency says
+nothing about the limit. A window with more drops than samples never lowers
+``min_rtt``. Every ``probeInterval`` (jittered), if nothing queued in the
+window, the limit is pinned at ``minLimit`` until a window of samples taken
+at that concurrency re-measures ``min_rtt``, then restored: latency that
+rose for good becomes the new baseline instead of throttling forever. Under
+a queue the probe waits (pinning then is a latency spike).
 
 *Queues and order.* Above the limit a request waits in its class's queue
 (``ClassQueue``). When a slot frees, the highest-ranked backlogged class goes
@@ -42,13 +47,23 @@ An emptied queue forgets its credit.
 - the class's predicted wait exceeds its ``queueDelayTarget``. The wait is
   predicted from the requests ahead of it — queued requests of equal or
   higher rank, or fewer when its weight share serves it sooner — times the
-  mean time between dispatches (``service_time / limit``, Little's law).
+  mean time between dispatches (``service_time / limit``, Little's law),
+  where the service time is at least the time since a slot last changed
+  hands while all are taken (a stalled app predicts long waits).
 
-And in the queue: when a class's head-of-queue wait passes its target, the
-lowest backlogged class below it is trimmed newest first, down to what its
-share can serve within its own target (DAGOR/QALM style: the low classes
-give way before the high ones miss). A shed is ``MeshError(503, "shed")``
-with ``Retry-After``.
+And in the queue (``check_heads``): a head that waited ``HEAD_SHED`` x its
+class's target is shed, in any class (CoDel-like: it missed anyway); when a
+class's head-of-queue wait passes its target, the classes below it are
+trimmed newest first, the lowest first and then upward, each down to what
+its share can serve within its own target, until the late class's predicted
+wait fits (DAGOR/QALM style: the low classes give way before the high ones
+miss). ``make_room`` sheds the newest waiter of the lowest class below a
+newcomer when the circuit breaker's ``maxRequests`` is reached. A shed is
+``MeshError(503, "shed")`` with ``Retry-After``.
+
+A waiter that leaves (``leave``) stays in its deque as a tombstone (O(1));
+``count`` is a queue's live length. ``reconfigure`` applies new settings
+after a reload to the same control (slots, queues and measurements stay).
 """
 
 from __future__ import annotations
@@ -57,7 +72,7 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Protocol
 
 from meshlayer.config.model import Admission
@@ -72,6 +87,8 @@ BURST = 4.0  # credit a lower class may be owed before it gets a turn
 MAX_CREDIT = 64.0
 SHED_QUIET = 1.0  # seconds without a shed after which a class's shedding has stopped
 PROBE_TRIES = 5  # windows a probe waits for the load to fall to minLimit
+HEAD_SHED = 2.0  # a head that waited this many times its class's target is shed (CoDel-like)
+CLEAN_SHARE = 1  # a window lowers the no-load baseline only if drops * this <= samples
 LOG_CHANGE = 0.5  # log the limit when it moved this much (relative) since last logged
 RETRY_AFTER_MAX = 60
 DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -108,10 +125,16 @@ class Waiter(Protocol):
 
 
 class ClassQueue:
-    """The waiting requests of one priority class, and its counters."""
+    """The waiting requests of one priority class, and its counters.
+
+    A waiter that leaves (``AdmissionControl.leave``) stays in ``waiters`` as a
+    tombstone until it reaches an end of the deque; ``count`` is the number of
+    live waiters.
+    """
 
     __slots__ = (
         "buckets",
+        "count",
         "credit",
         "delay_sum",
         "last_shed",
@@ -133,6 +156,8 @@ class ClassQueue:
         self.target = cls.target
         self.max_queue = cls.max_queue
         self.waiters: deque[Waiter] = deque()
+        self.count = 0
+        """Live waiters (``waiters`` may also hold tombstones of waiters that left)."""
         self.credit = 0.0
         self.shed_total = 0
         self.shed_run = 0  # sheds since shedding last started
@@ -140,6 +165,15 @@ class ClassQueue:
         self.last_shed = 0.0
         self.buckets = [0] * (len(DELAY_BUCKETS) + 1)  # queueing delay of admitted waiters
         self.delay_sum = 0.0
+
+    def matches(self, cls: PriorityLike) -> bool:
+        """Whether the queue runs on ``cls``'s current settings."""
+        return (
+            self.rank == cls.rank
+            and self.target == cls.target
+            and self.weight == max(1, cls.weight)
+            and self.max_queue == cls.max_queue
+        )
 
     def update(self, cls: PriorityLike) -> None:
         """The class's settings may change with a config reload."""
@@ -149,7 +183,7 @@ class ClassQueue:
         self.max_queue = cls.max_queue
 
     def __repr__(self) -> str:
-        return f"<ClassQueue {self.name} rank={self.rank} queued={len(self.waiters)}>"
+        return f"<ClassQueue {self.name} rank={self.rank} queued={self.count}>"
 
 
 class GradientLimit:
@@ -182,43 +216,74 @@ class GradientLimit:
         self.saved = 0.0  # the limit before a probe
         self.attempts = 0
 
+    def reconfigure(self, spec: Admission) -> None:
+        """New tuning from a reload; the measured baseline and the limit stay (clamped)."""
+        self.min_limit = spec.min_limit
+        self.max_limit = spec.max_limit
+        self.tolerance = spec.tolerance
+        self.probe_interval = spec.probe_interval
+        self.limit = min(float(self.max_limit), max(float(self.min_limit), self.limit))
+
     def _jittered(self) -> float:
         return self.probe_interval * self.rng.uniform(0.75, 1.25)
 
-    def update(self, rtt: float, load: float, queued: bool, now: float) -> float:
-        """One window: mean latency ``rtt``, mean requests in use ``load``; the new limit."""
+    def update(
+        self, rtt: float, load: float, queued: bool, now: float, clean: bool = True
+    ) -> float:
+        """One window: mean latency ``rtt``, mean requests in use ``load``, whether any
+        request queued, whether the window was mostly successes (``clean``: only then may
+        it lower the no-load baseline); the new limit."""
         if self.probing:
             self.attempts += 1
             if load <= self.min_limit or self.attempts >= PROBE_TRIES:
-                if load <= self.min_limit:
+                if load <= self.min_limit and clean:
                     self.min_rtt = rtt
                 self.probing = False
                 self.limit = self.saved
                 self.next_probe = now + self._jittered()
             return self.limit
         if not self.min_rtt:
+            if not clean:
+                return self.limit
             self.min_rtt = rtt
             self.next_probe = now + self._jittered()
         elif now >= self.next_probe:
-            if load <= self.min_limit:  # light load: this window already is a no-load sample
+            if load <= self.min_limit and clean:  # light load: already a no-load sample
                 self.min_rtt = rtt
                 self.next_probe = now + self._jittered()
-            else:
+            elif not queued:  # never pin the limit while requests wait: that is a spike
                 self.probing = True
                 self.attempts = 0
                 self.saved = self.limit
                 self.limit = float(self.min_limit)
                 return self.limit
-        else:
+        elif clean:
             self.min_rtt = min(self.min_rtt, rtt)
         limit = self.limit
+        if load < limit / 2 and not queued:
+            # Not binding: demand, not the limit, sets the concurrency. Latency that rises
+            # now does not come from crowding the destination (a slower backend, a
+            # sleep): shrinking would only cut throughput. Nor does low latency say
+            # that more would be fine.
+            return limit
         gradient = max(MIN_GRADIENT, min(1.0, self.min_rtt * self.tolerance / rtt))
-        if gradient >= 1.0 and load < limit / 2 and not queued:
-            return limit  # app-limited: nothing says more would be fine
-        new = limit * gradient + math.sqrt(limit)
+        new = limit * gradient + headroom(limit)
         limit += SMOOTHING * (new - limit)
         self.limit = min(float(self.max_limit), max(float(self.min_limit), limit))
         return self.limit
+
+
+def headroom(limit: float) -> float:
+    """What the limit may grow by per window: ``sqrt(limit)``, but ``limit / 4`` below 16.
+
+    With ``sqrt`` alone a small limit cannot shrink below 4 however slow the
+    destination gets (``4 * 0.5 + sqrt(4) = 4``), and an app that serves one
+    request at a time then holds 3 queued behind the one it serves — where a
+    critical request waits too. ``limit / 4`` (equal to ``sqrt`` at 16) settles
+    at about twice the app's real concurrency, with latency at ``tolerance``
+    times the no-load minimum, as the gradient intends.
+    """
+    return limit / 4 if limit < 16 else math.sqrt(limit)
 
 
 class AdmissionControl:
@@ -226,10 +291,14 @@ class AdmissionControl:
 
     __slots__ = (
         "_dispatching",
+        "_left",
         "_logged_limit",
+        "_where",
         "adaptive",
         "direction",
+        "drops",
         "in_use",
+        "last_done",
         "limit",
         "load_sum",
         "order",
@@ -250,13 +319,8 @@ class AdmissionControl:
         self.direction = direction
         self.service = service
         self.adaptive: GradientLimit | None = None
-        if spec.concurrency == "adaptive":
-            self.adaptive = GradientLimit(spec, rng)
-            self.limit = spec.initial_limit
-        elif isinstance(spec.concurrency, int):
-            self.limit = spec.concurrency
-        else:
-            raise ValueError(f"no admission control for concurrency {spec.concurrency!r}")
+        self.limit = 1
+        self._mode(spec, rng)
         self._logged_limit = self.limit
         self.in_use = 0
         """Requests holding a slot: admitted and not yet finished."""
@@ -264,18 +328,50 @@ class AdmissionControl:
         """Requests waiting in all class queues."""
         self.queues: dict[str, ClassQueue] = {}
         self.order: list[ClassQueue] = []  # rank descending
+        self._where: dict[Waiter, ClassQueue] = {}  # queued waiter -> its queue
+        self._left: set[Waiter] = set()  # tombstones: waiters that left their queue
         self.window = spec.sample_window
         self.window_end = 0.0
         self.rtt_sum = 0.0
         self.rtt_n = 0
+        self.drops = 0
         self.load_sum = 0
         self.queued_seen = False
         self.service_time = 0.0
         """Mean latency from admission to response head (seconds; 0: not measured yet)."""
+        self.last_done = 0.0
+        """When a slot last changed hands (0: never): while all are taken, how long the
+        destination has made no progress."""
         self._dispatching = False
 
+    def _mode(self, spec: Admission, rng: random.Random | None = None) -> None:
+        if spec.concurrency == "adaptive":
+            if self.adaptive is None:
+                self.adaptive = GradientLimit(spec, rng)
+            else:
+                self.adaptive.reconfigure(spec)
+            self.limit = max(1, round(self.adaptive.limit))
+        elif isinstance(spec.concurrency, int):
+            self.adaptive = None
+            self.limit = spec.concurrency
+        else:
+            raise ValueError(f"no admission control for concurrency {spec.concurrency!r}")
+
+    def reconfigure(self, spec: Admission, now: float) -> None:
+        """A reload changed the destination's settings: keep the slots in use, the
+        queues and the measurements; take the new limit (``unlimited``: admit everyone
+        queued, and from then on the caller stops using this control)."""
+        if spec.concurrency == "unlimited":
+            self.adaptive = None
+            self.limit = 1 << 30
+        else:
+            self._mode(spec)
+            self.window = spec.sample_window
+        if self.queued:
+            self.dispatch(now)
+
     def __repr__(self) -> str:
-        queues = " ".join(f"{q.name}={len(q.waiters)}" for q in self.order)
+        queues = " ".join(f"{q.name}={q.count}" for q in self.order)
         return (
             f"<AdmissionControl {self.direction} {self.service} limit={self.limit} "
             f"in_use={self.in_use} queued={self.queued} {queues}>"
@@ -283,8 +379,13 @@ class AdmissionControl:
 
     # -- latency -------------------------------------------------------------
 
-    def sample(self, rtt: float, now: float) -> None:
-        """A request's latency from admission to its response head."""
+    def sample(self, rtt: float, now: float, ok: bool = True) -> None:
+        """A request's latency from admission to its response head (or a lower bound
+        of it). ``ok`` False (a 5xx, a peer's shed): no service time, only counted;
+        a fast error says nothing about how long the work takes."""
+        if not ok:
+            self.drops += 1
+            return
         self.rtt_sum += rtt
         self.rtt_n += 1
         self.load_sum += self.in_use
@@ -296,8 +397,10 @@ class AdmissionControl:
         rtt = max(1e-6, self.rtt_sum / n)
         load = self.load_sum / n
         queued = self.queued_seen or self.queued > 0
+        clean = self.drops * CLEAN_SHARE <= n  # mostly successes
         self.rtt_sum = 0.0
         self.rtt_n = 0
+        self.drops = 0
         self.load_sum = 0
         self.queued_seen = False
         self.window_end = now + self.window
@@ -305,7 +408,7 @@ class AdmissionControl:
         self.service_time = rtt if not st else st + 0.3 * (rtt - st)
         if self.adaptive is None or n < MIN_SAMPLES:
             return
-        limit = max(1, round(self.adaptive.update(rtt, load, queued, now)))
+        limit = max(1, round(self.adaptive.update(rtt, load, queued, now, clean)))
         if limit == self.limit:
             return
         self.limit = limit
@@ -332,7 +435,25 @@ class AdmissionControl:
             return max(self.limit, round(a.saved))
         return self.limit
 
+    def _service_time(self, now: float) -> float:
+        """The mean service time, or longer while every slot is taken and none has freed
+        for longer than that (the destination stalls)."""
+        st = self.service_time
+        if self.last_done and self.in_use >= self.limit:
+            st = max(st, now - self.last_done)
+        return st
+
     # -- arrivals --------------------------------------------------------------
+
+    def enter(self, waiter: Waiter, cls: PriorityLike, now: float) -> MeshError | bool:
+        """A request for this destination. True: it holds a slot now, go on (the fast
+        path: a slot is free and nobody waits). False: it waits (``waiter.admitted``
+        comes later, or ``shed``). Or the shed error: answer it."""
+        if self.in_use < self.limit and not self.queued:  # the fast path
+            self.in_use += 1
+            self.last_done = now
+            return True
+        return self.arrive(waiter, cls, now) or False
 
     def arrive(self, waiter: Waiter, cls: PriorityLike, now: float) -> MeshError | None:
         """A request that found no free slot (or others waiting): queue it, or the shed error.
@@ -342,17 +463,12 @@ class AdmissionControl:
         q = self.queues.get(cls.name)
         if q is None:
             q = self._add_queue(cls)
-        elif (q.rank, q.target, q.weight, q.max_queue) != (
-            cls.rank,
-            cls.target,
-            max(1, cls.weight),
-            cls.max_queue,
-        ):
+        elif not q.matches(cls):
             q.update(cls)
             self.order.sort(key=lambda c: -c.rank)
-        if len(q.waiters) >= q.max_queue:
+        if q.count >= q.max_queue:
             return self._refuse(q, now, f"queue of class {q.name} is full ({q.max_queue})")
-        wait = self.predict(q)
+        wait = self.predict(q, now)
         if wait > q.target:
             return self._refuse(
                 q,
@@ -361,6 +477,8 @@ class AdmissionControl:
                 wait,
             )
         q.waiters.append(waiter)
+        q.count += 1
+        self._where[waiter] = q
         self.queued += 1
         self.queued_seen = True
         if self.in_use < self.limit:
@@ -375,20 +493,20 @@ class AdmissionControl:
         self.order.sort(key=lambda c: -c.rank)
         return q
 
-    def predict(self, q: ClassQueue) -> float:
+    def predict(self, q: ClassQueue, now: float = 0.0) -> float:
         """Seconds a request of ``q``'s class arriving now would wait (0: unknown)."""
-        st = self.service_time
+        st = self._service_time(now) if now else self.service_time
         if not st:
             return 0.0
         ahead = 0
         wsum = q.weight
         for o in self.order:
             if o.rank >= q.rank:
-                ahead += len(o.waiters)
-            if o.waiters and o is not q:
+                ahead += o.count
+            if o.count and o is not q:
                 wsum += o.weight
         share = q.weight / wsum
-        by_share = (max(0.0, BURST - q.credit) + len(q.waiters)) / share
+        by_share = (max(0.0, BURST - q.credit) + q.count) / share
         return (min(ahead, by_share) + 1) * st / self.capacity
 
     def _refuse(self, q: ClassQueue, now: float, why: str, wait: float = 0.0) -> MeshError:
@@ -416,13 +534,66 @@ class AdmissionControl:
             )
         q.shed_run += n
 
+    def make_room(self, cls: PriorityLike, now: float) -> bool:
+        """The destination's ``maxRequests`` is reached: shed the newest waiter of the
+        lowest backlogged class ranked below ``cls`` so that a ``cls`` request can come
+        in. False when there is none (everything waiting ranks as high or higher)."""
+        for q in reversed(self.order):
+            if q.rank >= cls.rank:
+                return False
+            if q.count:
+                victim = self._pop(q, newest=True)
+                self._count_shed(q, now, 1)
+                victim.shed(
+                    MeshError(
+                        503,
+                        "shed",
+                        f"{self.direction} {self.service}: shed: max requests reached, "
+                        f"class {cls.name} comes first",
+                        retry_after=1,
+                    )
+                )
+                return True
+        return False
+
     # -- dispatch ----------------------------------------------------------------
 
     def release(self, now: float) -> None:
         """A slot is free again (the caller's ``in_use -= 1`` plus the queue's turn)."""
         self.in_use -= 1
+        self.last_done = now
         if self.queued:
             self.dispatch(now)
+
+    def _pop(self, q: ClassQueue, newest: bool = False) -> Waiter:
+        """Take the oldest (or newest) live waiter out of ``q`` (which has one)."""
+        left = self._left
+        while True:
+            waiter = q.waiters.pop() if newest else q.waiters.popleft()
+            if left and waiter in left:
+                left.discard(waiter)
+                continue
+            break
+        del self._where[waiter]
+        q.count -= 1
+        self.queued -= 1
+        if not q.count:
+            q.credit = 0.0
+            self._purge(q)
+        return waiter
+
+    def _purge(self, q: ClassQueue) -> None:
+        """``q`` has no live waiter: drop its tombstones."""
+        if q.waiters:
+            self._left.difference_update(q.waiters)
+            q.waiters.clear()
+
+    def _head(self, q: ClassQueue) -> Waiter:
+        """The oldest live waiter of ``q`` (which has one)."""
+        left = self._left
+        while left and q.waiters[0] in left:
+            left.discard(q.waiters.popleft())
+        return q.waiters[0]
 
     def dispatch(self, now: float) -> None:
         """Give free slots to waiters, in class order. Safe to re-enter from callbacks."""
@@ -433,15 +604,17 @@ class AdmissionControl:
             while True:
                 while self.queued and self.in_use < self.limit:
                     q = self._pick()
-                    waiter = q.waiters.popleft()
-                    self.queued -= 1
-                    if not q.waiters:
-                        q.credit = 0.0
+                    waiter = self._pop(q)
                     self.in_use += 1
+                    self.last_done = now
                     delay = now - waiter.t0
                     q.delay_sum += delay
                     q.buckets[_bucket(delay)] += 1
-                    waiter.admitted(now)
+                    try:
+                        waiter.admitted(now)
+                    except Exception:  # a broken waiter must not keep the slot
+                        log.exception("%s %s: admitted waiter failed", self.direction, self.service)
+                        self.in_use -= 1
                 if self.queued:
                     self.check_heads(now)
                 if not self.queued or self.in_use >= self.limit:
@@ -454,7 +627,7 @@ class AdmissionControl:
         owed: ClassQueue | None = None
         wsum = 0
         for q in self.order:
-            if q.waiters:
+            if q.count:
                 wsum += q.weight
                 if top is None:
                     top = q
@@ -463,57 +636,87 @@ class AdmissionControl:
         assert top is not None
         chosen = owed or top
         for q in self.order:
-            if q.waiters:
+            if q.count:
                 q.credit = min(MAX_CREDIT, q.credit + q.weight / wsum)
         chosen.credit = max(-MAX_CREDIT, chosen.credit - 1.0)
         return chosen
 
     def check_heads(self, now: float) -> None:
-        """Trim the lowest backlogged class when a higher class's head waits past its target."""
-        backlogged = [q for q in self.order if q.waiters]
+        """Shed what waits too long: heads past ``HEAD_SHED`` x their class's target (in
+        every class, the top one too), then, when a class's head waits past its target,
+        lower classes from the lowest up, newest first, until its predicted wait fits."""
+        backlogged = [q for q in self.order if q.count]
+        hopeless: list[tuple[ClassQueue, Waiter]] = []
+        for q in backlogged:
+            while q.count and now - self._head(q).t0 > HEAD_SHED * q.target:
+                hopeless.append((q, self._pop(q)))
+        if hopeless:
+            for q, waiter in hopeless:
+                self._count_shed(q, now, 1)
+                waiter.shed(
+                    MeshError(
+                        503,
+                        "shed",
+                        f"{self.direction} {self.service}: shed: class {q.name} waited past "
+                        f"{HEAD_SHED:g}x its target ({q.target * 1000:.0f}ms)",
+                        retry_after=max(1, math.ceil(q.target * HEAD_SHED)),
+                    )
+                )
+            backlogged = [q for q in self.order if q.count]
         if len(backlogged) < 2:
             return
         late = None
         for q in backlogged[:-1]:
-            if now - q.waiters[0].t0 > q.target:
+            if now - self._head(q).t0 > q.target:
                 late = q
                 break
         if late is None:
             return
-        low = backlogged[-1]
         wsum = sum(q.weight for q in backlogged)
-        rate = self.capacity / self.service_time if self.service_time else 0.0
-        keep = int(low.target * rate * low.weight / wsum)
-        victims: list[Waiter] = []
-        while len(low.waiters) > keep:
-            victims.append(low.waiters.pop())  # newest first
-        if not victims:
-            return
-        self.queued -= len(victims)
-        if not low.waiters:
-            low.credit = 0.0
-        self._count_shed(low, now, len(victims))
+        st = self._service_time(now)
+        rate = self.capacity / st if st else 0.0
         err = MeshError(
             503,
             "shed",
             f"{self.direction} {self.service}: shed: class {late.name} waits past its target",
             retry_after=1,
         )
-        for waiter in victims:
-            waiter.shed(err)
+        for low in reversed(backlogged):
+            if low.rank >= late.rank:
+                break
+            keep = int(low.target * rate * low.weight / wsum)
+            victims: list[Waiter] = []
+            while low.count > keep:
+                victims.append(self._pop(low, newest=True))
+            if victims:
+                self._count_shed(low, now, len(victims))
+                for waiter in victims:
+                    waiter.shed(err)
+            if self.predict(late, now) <= late.target:
+                break
 
     def leave(self, waiter: Waiter) -> bool:
-        """A queued request gave up (client gone, timeout, bad body): take it out."""
-        for q in self.order:
-            try:
-                q.waiters.remove(waiter)
-            except ValueError:
-                continue
-            self.queued -= 1
-            if not q.waiters:
-                q.credit = 0.0
-            return True
-        return False
+        """A queued request gave up (client gone, timeout, bad body): take it out. O(1):
+        it stays behind as a tombstone that ``_pop`` and ``_head`` skip."""
+        q = self._where.pop(waiter, None)
+        if q is None:
+            return False
+        q.count -= 1
+        self.queued -= 1
+        if q.count:
+            self._left.add(waiter)
+        else:
+            q.credit = 0.0
+            self._purge(q)
+        return True
+
+    def keep_classes(self, names: Collection[str]) -> None:
+        """The class table changed: forget the queues of classes no longer defined
+        (once they are empty; a queue with waiters stays until they are gone)."""
+        gone = [q for q in self.order if q.name not in names and not q.count]
+        for q in gone:
+            self.order.remove(q)
+            del self.queues[q.name]
 
     def tick(self, now: float) -> None:
         """Periodic (the sidecar's sweeper): trims late queues, notices shedding stopped."""

@@ -8,7 +8,8 @@ its routes, rules and app see one path: :mod:`meshlayer.proxy.classify`),
 route (authority to service;
 then, when HTTPRoutes govern that service, its matching rule picks the
 backend service and may override the request timeout and retries:
-``conf``), classify (``prio``), circuit breaker, admission (the destination's
+``conf``), classify (``prio``; the client socket takes the class's marks for the
+response bytes), circuit breaker, admission (the destination's
 concurrency limit: a request over it waits in its class's queue or is shed,
 :mod:`meshlayer.proxy.admission`), balance, pool checkout — and sends the head on an
 upstream connection (opening one in a task when none is idle). From then on
@@ -21,6 +22,10 @@ the configured statuses and resets of reused connections only for idempotent
 methods with a replayable body) within the service's retry budget; otherwise
 the mesh answers with its own error (``x-meshlayer-error``).
 
+A request answered by the mesh before its body arrived (shed, overflow, 403...)
+keeps the client's connection when the rest of the body is small: it is read
+and dropped (``DISCARD_LIMIT``), so a shed POST does not cost a reconnect.
+
 Timeouts are deadlines on the client connection that one sweeper checks: the
 response head must arrive within the service's request timeout (504), and a
 streaming exchange must not sit idle longer than its idle timeout.
@@ -29,6 +34,7 @@ streaming exchange must not sit idle longer than its idle timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from random import getrandbits
@@ -60,6 +66,7 @@ log = logging.getLogger("meshlayer.proxy")
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 REPLAY_LIMIT = 64 * 1024  # request bodies up to this size are kept for retries
 BUFFER_LIMIT = 64 * 1024  # request body buffered before an upstream connection exists
+DISCARD_LIMIT = REPLAY_LIMIT  # rest of a refused request's body read and dropped to keep alive
 
 SOURCE_HEADER = b"x-meshlayer-source"
 # Identity the mesh sets from the verified peer certificate: a client's copies are never
@@ -101,6 +108,7 @@ class Exchange:
         "path",
         "phase",
         "pool",
+        "pool_wait",
         "prio",
         "prio_missing",
         "replayable",
@@ -156,6 +164,7 @@ class Exchange:
         self.adm: AdmissionControl | None = None  # queued (t_admit 0) or holding a slot
         self.t_admit = 0.0
         self.prio_missing = False
+        self.pool_wait = False  # in its pool's pending queue
 
     def __repr__(self) -> str:
         return (
@@ -197,8 +206,19 @@ class Exchange:
         except MeshError as err:
             self._fail(err)
             return
+        marks = self.prio.spec  # the response bytes leave with the class's marks
+        if svc.fifo:  # --priority off: every socket carries the default class's
+            marks = listener.classes.default_for("default").spec
+        if marks is not down.marks:
+            down.mark(marks)
         limits = svc.service.circuit_breaker
-        if svc.in_flight >= limits.max_requests:
+        adm = svc.admission
+        prio = self.prio  # --priority off: one FIFO queue, the default class's
+        if svc.fifo:
+            prio = listener.classes.default_for("default")
+        if svc.in_flight >= limits.max_requests and (
+            adm is None or not adm.queued or not adm.make_room(prio, now)
+        ):  # (make_room: a lower class's newest waiter gives its place up)
             self._fail(MeshError(503, "overflow", f"{svc.name}: max requests in flight reached"))
             return
         self.service = svc
@@ -210,19 +230,18 @@ class Exchange:
             down.set_deadline(REQUEST, timeouts.request, now)
         else:  # the request timeout starts when the whole request has arrived
             down.set_deadline(STREAM, timeouts.idle, now)
-        adm = svc.admission
         if adm is not None:  # the destination's concurrency limit (None: unlimited)
             self.adm = adm
-            if adm.in_use >= adm.limit or adm.queued:  # wait in the class's queue, or shed
-                prio = self.prio  # --priority off: one FIFO queue, the default class's
-                if svc.fifo:
-                    prio = down.listener.classes.default_for("default")
-                refused = adm.arrive(self, prio, now)
-                if refused is not None:
-                    self.adm = None
-                    self._fail(refused)
+            if down.eof and (adm.in_use >= adm.limit or adm.queued):
+                self.adm = None  # the client half-closed before its turn: abandoned
+                self._client_gone()
                 return
-            adm.in_use += 1
+            got = adm.enter(self, prio, now)  # True: a slot now; False: queued; or shed
+            if got is not True:
+                if got is not False:
+                    self.adm = None
+                    self._fail(got)
+                return
             self.t_admit = now
         svc.budget.deposit(now)
         self._attempt(now)
@@ -232,6 +251,13 @@ class Exchange:
         self.t_admit = now
         svc = self.service
         assert svc is not None
+        prio = self.prio
+        classes = self.down.listener.classes
+        ordered = classes.ordered
+        if prio.index >= len(ordered) or ordered[prio.index] is not prio:
+            # A reload changed the class table while it waited: its pool is the one of
+            # its class by name now (or the destination's default class).
+            self.prio = classes.get(prio.name) or classes.default_for(self.conf.priority_class)
         svc.budget.deposit(now)
         self._attempt(now)
 
@@ -274,10 +300,12 @@ class Exchange:
                 )
             )
         else:
+            self.pool_wait = True
             pool.pending.append(self._on_pool_slot)
 
     def _on_pool_slot(self, conn: UpstreamConnection | None) -> None:
         """Woken from the pending queue with a connection or a slot to open one."""
+        self.pool_wait = False
         pool = self.pool
         assert pool is not None
         if self.phase != WAITING or self.conn is not None:
@@ -401,6 +429,11 @@ class Exchange:
             conn.write(chunk(data) if self.head.framing == CHUNKED else data)
             if not self.replayable:
                 return
+        elif self.body_size < 0:  # answered already: the rest of the body is discarded
+            self.body_size -= len(data)
+            if self.body_size < -DISCARD_LIMIT:
+                self.down.close()  # more than promised: the connection goes after all
+            return
         if self.body is None:
             self.body = [data]
         else:
@@ -427,6 +460,9 @@ class Exchange:
         self.close_after = True
         if not self.started:
             return  # start() answers it without forwarding anything
+        if self.phase == DONE:  # answered while its body was being discarded
+            self.down.close()
+            return
         if self.conn is not None:
             self.conn.abort()  # the upstream sees a truncated request, never a whole one
             self.conn = None
@@ -487,8 +523,8 @@ class Exchange:
         # A shed is the peer working as designed, not failing: no outlier ejection for it.
         svc.balancer.report(ep, status < 500 or shed, now - self.t_attempt, now)
         adm = self.adm
-        if adm is not None:  # latency from admission to the response head
-            adm.sample(now - self.t_admit, now)
+        if adm is not None:  # latency from admission to the response head: a service
+            adm.sample(now - self.t_admit, now, status < 500)  # time, unless an error
         self.status = status
         self.phase = STREAMING
         lines = resp.lines  # the parser makes a fresh list per message: ours to extend
@@ -637,14 +673,30 @@ class Exchange:
             self._finish(ok=False)
 
     def on_client_eof(self) -> bool:
-        """The client half-closed while this whole request waits in an admission queue:
-        taken as a client abort (as nginx does), it leaves the queue. True if it did."""
-        if self.adm is None or self.t_admit or not self.req_done or self.phase != WAITING:
+        """The client half-closed while this request waits in an admission queue: taken
+        as abandoned (as nginx takes it), it leaves the queue. True if it did."""
+        if self.adm is None or self.t_admit or self.phase != WAITING:
             return False
-        self.close_after = True
-        self.status = 499
-        self._finish(ok=False)
+        self._client_gone()
         return True
+
+    def _client_gone(self) -> None:
+        """End a request whose client half-closed before it got a slot: nothing went
+        upstream. Counted as 499 (metrics, access log) like nginx, but unlike nginx it
+        is answered: a client that half-closed after sending may still read, and a
+        ``503`` with ``x-meshlayer-error: client-closed`` tells it the request was never
+        forwarded (safe to repeat); a client that is gone altogether costs one write.
+        The connection closes once the queue is empty (``DownstreamConnection.eof``)."""
+        down = self.down
+        # Pipelined requests after it are answered in turn; the last answer says close.
+        last = len(down.queue) <= 1 or self.close_after
+        listener = down.listener
+        listener.metrics.errors.labels(listener.direction, "client-closed").inc()
+        msg = "the client half-closed the connection before the request was admitted"
+        down.write(render(503, "client-closed", msg, listener.sidecar, last, self.request_id))
+        self.status = 499
+        self.phase = STREAMING
+        self._finish(ok=False)
 
     def on_downstream_lost(self) -> None:
         """The client went away."""
@@ -658,6 +710,10 @@ class Exchange:
             self.endpoint = None
         if not self.status:
             self.status = 499
+        adm = self.adm
+        if adm is not None and self.t_admit and self.phase == WAITING:
+            now = time.monotonic()  # admitted, no answer yet: its latency is at least this
+            adm.sample(now - self.t_admit, now)
         self._finish(ok=False)
 
     def _fail(self, err: MeshError, count: bool = True) -> None:
@@ -671,8 +727,11 @@ class Exchange:
             self._finish(ok=False)
             return
         self.status = err.status
-        if not self.req_done or err.status == 400 or self.head.upgrade is not None:
-            self.close_after = True
+        if err.status in (400, 504) or self.head.upgrade is not None:
+            self.close_after = True  # a broken or stalled request, or a refused upgrade
+        elif not self.req_done and not self.close_after:  # e.g. a shed POST: keep the
+            # connection when the rest of its body is small
+            self.close_after = not self._discard_rest()
         if down.listener.closing:
             self.close_after = True
         listener = down.listener
@@ -704,6 +763,22 @@ class Exchange:
         self.phase = STREAMING
         self._finish(ok=False)
 
+    def _discard_rest(self) -> bool:
+        """Answered before the whole body arrived (a shed POST): whether the connection
+        can stay, the rest of the body read and dropped. It can when the rest is known
+        to be at most ``DISCARD_LIMIT`` bytes (content-length), or is chunked (the
+        connection closes if it grows past that). ``body_size`` < 0 marks the
+        discarding, counting down the bytes dropped."""
+        head = self.head
+        if head.framing == LENGTH:
+            if head.content_length - self.body_size > DISCARD_LIMIT:
+                return False
+        elif head.framing != CHUNKED:
+            return False
+        self.body = None
+        self.body_size = -1
+        return True
+
     def _finish(self, ok: bool = True) -> None:
         if self.phase == DONE:
             return
@@ -722,21 +797,19 @@ class Exchange:
             self.endpoint = None
         if svc is not None:
             svc.in_flight -= 1
-            if not self.req_done:
+            if not self.req_done and self.body_size >= 0:  # (< 0: _discard_rest keeps it)
                 self.close_after = True
-            pool = self.pool
-            if pool is not None and pool.pending:
-                try:  # a waiter that gave up must not hold a pending place
-                    pool.pending.remove(self._on_pool_slot)
-                except ValueError:
-                    pass
+            if self.pool_wait:  # gave up waiting for a connection: no pending place
+                self.pool_wait = False
+                pool = self.pool
+                if pool is not None:
+                    with contextlib.suppress(ValueError):
+                        pool.pending.remove(self._on_pool_slot)
         adm = self.adm
         if adm is not None:
             self.adm = None
             if self.t_admit:  # held a slot: the next waiter's turn
-                adm.in_use -= 1
-                if adm.queued:
-                    adm.dispatch(now)
+                adm.release(now)
             else:  # still queued: the client went, the deadline passed, the body broke
                 adm.leave(self)
         down = self.down

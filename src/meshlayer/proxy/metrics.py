@@ -144,7 +144,7 @@ class _AdmissionCollector(Collector):
             in_use.add_metric([direction, service], adm.in_use)
             for q in adm.classes():
                 key = [direction, service, q.name]
-                length.add_metric(key, len(q.waiters))
+                length.add_metric(key, q.count)
                 shed.add_metric(key, q.shed_total)
                 cumulative, acc = [], 0
                 for bound, n in zip([*DELAY_BUCKETS, float("inf")], q.buckets, strict=True):

@@ -26,6 +26,17 @@ A sidecar calls :func:`warn_class_marks` on every config, so a class whose
 congestion control or SO_PRIORITY this host will not apply is named in one
 warning before any traffic, not discovered per socket.
 
+Response direction. Marks on upstream sockets govern only the bytes the
+sidecar sends upstream (requests, uploads); the response bytes of a class
+(downloads, the common batch case) leave on the *client's* socket, accepted by
+a listener with the kernel's defaults. So once an exchange knows its class the
+listener's connection is re-marked with :func:`remark` (the server side calls
+it only when the class's marks differ from what that socket carries, so a
+connection whose requests keep one class pays once). ``TCP_CONGESTION`` may
+be changed on an established socket (Linux re-initialises the algorithm's
+state; it costs about as much as setting it before connect, ~1 us), and going
+back to "the kernel's default" sets the default's name explicitly.
+
 No asyncio here: the connection pool takes a new upstream socket from
 :func:`marked_socket` (or calls :func:`apply_marks` on its own) *before*
 connecting it, so the SYN already carries the DSCP, and then hands the
@@ -186,6 +197,56 @@ def marked_socket(family: int, marks: Marks, *, strict: bool = False) -> socket.
         sock.close()
         raise
     return sock
+
+
+_cc_default: str | None = None
+DEFAULT_CC_PATH = Path("/proc/sys/net/ipv4/tcp_congestion_control")
+
+
+def default_congestion_control() -> str | None:
+    """The kernel's default algorithm, what a socket starts with (cached; None if unreadable)."""
+    global _cc_default
+    if _cc_default is None:
+        names = _read_names(DEFAULT_CC_PATH)
+        _cc_default = next(iter(names), "")
+    return _cc_default or None
+
+
+def remark(sock: socket.socket, old: Marks | None, new: Marks | None) -> None:
+    """Change an established socket's marks from ``old`` to ``new`` (None: the kernel's
+    defaults), setting only what differs. Refusals are logged once and skipped, as in
+    :func:`apply_marks`; an unknown socket family is left alone."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    dscp, prio, cc = (new.dscp, new.so_priority, new.congestion_control) if new else (0, 0, None)
+    was_dscp, was_prio, was_cc = (
+        (old.dscp, old.so_priority, old.congestion_control) if old else (0, 0, None)
+    )
+    if dscp != was_dscp:
+        tos = (dscp & 0x3F) << 2
+        if sock.family == socket.AF_INET6:
+            _set(sock, socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tos, "dscp", dscp, False)
+            try:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
+            except OSError:
+                pass
+        else:
+            _set(sock, socket.IPPROTO_IP, socket.IP_TOS, tos, "dscp", dscp, False)
+        was_prio = -1  # setting the TOS reset the priority
+    if prio != was_prio:
+        _set(sock, socket.SOL_SOCKET, socket.SO_PRIORITY, prio, "soPriority", prio, False)
+    if (cc or None) != (was_cc or None):
+        name = cc or default_congestion_control()
+        if name:
+            _set(
+                sock,
+                socket.IPPROTO_TCP,
+                socket.TCP_CONGESTION,
+                name.encode(),
+                "congestionControl",
+                name,
+                False,
+            )
 
 
 def read_marks(sock: socket.socket) -> SocketMarks:

@@ -8,7 +8,9 @@ by the circuit breaker's connection and pending limits:
 authority to one. Both are rebuilt when config changes; a runtime whose
 service config did not change is kept, so its pools and balancer statistics
 survive (its pools are laid out again for the new priority classes:
-unchanged classes keep their connections).
+unchanged classes keep their connections). A runtime that is replaced hands
+its admission control to its successor (``carry_admission``): a destination
+keeps one concurrency limit and its queues across reloads.
 
 The Router also compiles the config's HTTPRoutes (:mod:`meshlayer.proxy.routes`)
 and hangs each parent service's table on its runtime as ``routes`` (None for
@@ -20,9 +22,10 @@ settings and no endpoints.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
-from meshlayer.config.model import MeshConfig, PriorityClass, Service
+from meshlayer.config.model import Admission, MeshConfig, PriorityClass, Service
 from meshlayer.config.priority import by_rank
 from meshlayer.proxy.admission import admission_for
 from meshlayer.proxy.balancer import Balancer
@@ -52,13 +55,12 @@ class ServiceRuntime:
         self.pools: list[ServicePool] = self.class_pools.pools
         """The pool of each priority class, by ``ClassState.index`` (one pool, repeated,
         with priority off)."""
+        self.direction = direction
+        self.admission = admission_for(self._admission_spec(), direction, self.name)
+        """Concurrency limit and class queues (``spec.inbound``/``outbound``); None: unlimited."""
         self.set_classes(classes or {}, fifo)
         self.budget = RetryBudget(service.retries.budget_percent, service.retries.min_per_second)
         self.in_flight = 0
-        self.admission = admission_for(
-            service.inbound if direction == "inbound" else service.outbound, direction, self.name
-        )
-        """Concurrency limit and class queues (``spec.inbound``/``outbound``); None: unlimited."""
         self.routes: ServiceRoutes[ServiceRuntime] | None = None
         """HTTPRoute table when routes name this service as parent (set by the Router)."""
 
@@ -70,6 +72,25 @@ class ServiceRuntime:
         self.fifo = fifo
         """``--priority off``: one pool for all classes (and one queue, for admission)."""
         self.class_pools.set_classes(by_rank(classes.values()), fifo)
+        if self.admission is not None:  # queues of removed classes go once empty
+            self.admission.keep_classes(classes.keys() if classes else ("default",))
+
+    def _admission_spec(self) -> Admission:
+        svc = self.service
+        return svc.inbound if self.direction == "inbound" else svc.outbound
+
+    def carry_admission(self, old: ServiceRuntime) -> None:
+        """This runtime replaces ``old`` after a reload (another endpoint, a new timeout):
+        the destination's admission control carries over, so there is still one limit,
+        and its slots in use, queues and measurements stay; new admission settings are
+        applied to it (``unlimited``: its waiters are admitted, then it is dropped)."""
+        adm = old.admission
+        if adm is None or old.direction != self.direction:
+            return
+        spec = self._admission_spec()
+        if spec != old._admission_spec():
+            adm.reconfigure(spec, time.monotonic())
+        self.admission = None if spec.concurrency == "unlimited" else adm
 
 
 def _authority_host(authority: bytes) -> str:
@@ -106,7 +127,9 @@ class Router:
                 old.set_classes(classes, self.fifo)
                 self.services[name] = old
             else:
-                self.services[name] = ServiceRuntime(svc, classes, self.fifo)
+                rt = self.services[name] = ServiceRuntime(svc, classes, self.fifo)
+                if old is not None:  # one admission control per destination, across reloads
+                    rt.carry_admission(old)
         tables = compile_routes(config.routes, wanted, self.services.__getitem__)
         for name, rt in self.services.items():  # kept runtimes get the new table too
             rt.routes = tables.get(name)

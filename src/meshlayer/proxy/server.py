@@ -10,6 +10,11 @@ next starts when it finishes. Reading pauses for three reasons, kept as bits
 request body as fast, 4: a body is arriving before any upstream connection
 exists), and resumes when the last reason clears.
 
+Responses leave on the client's socket, so it carries the marks (DSCP,
+SO_PRIORITY, congestion control) of the class of the request being answered:
+set when an exchange is classified and its class's marks differ from the
+socket's (``mark``; :func:`meshlayer.proxy.netmarks.remark`).
+
 Each connection has one deadline (header read, idle keep-alive, request
 timeout or streaming idle) that the listener's sweeper checks, so no timer is
 created per request.
@@ -31,10 +36,11 @@ from meshlayer.proxy.codec.request import RequestParser
 from meshlayer.proxy.errors import render
 from meshlayer.proxy.exchange import WATCHED, Exchange
 from meshlayer.proxy.metrics import Metrics, RouteMetrics
+from meshlayer.proxy.netmarks import remark
 from meshlayer.proxy.runtime import ServiceRuntime
 
 if TYPE_CHECKING:
-    from meshlayer.config.model import Service
+    from meshlayer.config.model import PriorityClass, Service
     from meshlayer.proxy.authz import ServiceAuthz
     from meshlayer.proxy.tls import MeshTls
 
@@ -160,6 +166,7 @@ class DownstreamConnection(asyncio.Protocol):
         "deadline_kind",
         "eof",
         "listener",
+        "marks",
         "parser",
         "paused",
         "peer_identity",
@@ -183,6 +190,9 @@ class DownstreamConnection(asyncio.Protocol):
         self.closed = False
         self.corked: list[bytes] | None = None
         self.eof = False
+        """The client half-closed: it sends no more; it may still read (see ``eof_received``)."""
+        self.marks: PriorityClass | None = None
+        """The class whose marks the client socket carries (None: the kernel's defaults)."""
         self.paused = 0
         self.write_paused = False
         self.deadline = 0.0
@@ -284,13 +294,17 @@ class DownstreamConnection(asyncio.Protocol):
         self.queue = deque()
 
     def eof_received(self) -> bool:
-        # The client is done sending. Let a request in flight finish; close otherwise.
+        # The client is done sending. A request in flight (sent upstream) finishes and
+        # is answered, as are pipelined ones that get a slot at once; one that waits in
+        # an admission queue, now or when its turn comes (Exchange.start), is taken as
+        # abandoned (see Exchange.on_client_eof). The connection closes when the queue
+        # is empty.
         self.eof = True
         if self.parser.tunnel and self.queue:
             self.queue[-1].on_tunnel_eof()  # a half-close travels through a tunnel
-        elif self.queue and self.queue[0].started and self.queue[0].on_client_eof():
-            return False  # its request was waiting for admission: an abort
-        return bool(self.queue)
+        elif self.queue and self.queue[0].started:
+            self.queue[0].on_client_eof()  # may finish it, and start the next
+        return bool(self.queue) and not self.closed
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -307,6 +321,23 @@ class DownstreamConnection(asyncio.Protocol):
                 conn.resume_reading()
 
     # -- used by exchanges -----------------------------------------------------
+
+    def mark(self, marks: PriorityClass) -> None:
+        """Give the client socket ``marks`` (a class's DSCP, SO_PRIORITY, congestion
+        control) for the response bytes; the exchange calls it when they differ from
+        ``self.marks``. A connection whose requests alternate classes is re-marked on
+        each change (a few setsockopt calls): its bytes in flight then leave with the
+        marks of the response being written, which is the one the client waits for."""
+        old = self.marks
+        self.marks = marks
+        if old is None and not (marks.dscp or marks.so_priority or marks.congestion_control):
+            return  # a fresh socket already carries the kernel's defaults
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            remark(sock, old, marks)
 
     def write(self, data: bytes) -> None:
         if self.corked is not None:

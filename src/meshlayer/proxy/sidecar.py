@@ -294,9 +294,9 @@ class Sidecar:
         self.router = Router(config, self.router)
         app_service = self._app_service(config)
         if app_service != self.app.service:
-            self.app = ServiceRuntime(
-                app_service, config.priority_classes, self.router.fifo, "inbound"
-            )
+            app = ServiceRuntime(app_service, config.priority_classes, self.router.fifo, "inbound")
+            app.carry_admission(self.app)  # one limit for the app, its queues kept
+            self.app = app
         else:
             self.app.set_classes(config.priority_classes, self.router.fifo)
         self.config = config

@@ -66,6 +66,33 @@ def take_head(carry: bytearray, data: bytes, mark: int) -> tuple[bytes, int]:
     return data[mark:end], end
 
 
+def head_block(carry: bytearray, data: bytes, mark: int) -> tuple[bytes, int]:
+    """``take_head`` for a parser's ``on_headers_complete``, with the usual case
+    first (the whole head in this feed, at ``mark``); empties ``carry``."""
+    if carry or data[mark] == 13 or data[mark] == 10:
+        taken = take_head(carry, data, mark)
+        carry.clear()
+        return taken
+    end = data.find(END, mark) + 4
+    return (data if mark == 0 and end == len(data) else data[mark:end]), end
+
+
+def cut_row(row: bytes) -> tuple[int, bool]:
+    """Where a field row's name ends (its colon), and whether the row is
+    canonical: ``name ": " value``, one space before a value that does not start
+    with another space or tab (the row can be forwarded as it came). By index:
+    compiled, ``bytes`` methods are slow generic calls."""
+    i = 0
+    while row[i] != 58:
+        i += 1
+    n = len(row)
+    canon = i + 1 < n and row[i + 1] == 32
+    if canon and i + 2 < n:
+        c = row[i + 2]
+        canon = c != 32 and c != 9
+    return i, canon
+
+
 class Callbacks:
     """The protocol object httptools is given: it looks each callback up once, by
     name, and never calls one that is not set, so a parser sets only those it wants

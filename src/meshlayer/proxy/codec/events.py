@@ -215,3 +215,10 @@ class TunnelData:
 
 
 Event = RequestHead | ResponseHead | Body | EndOfMessage | TunnelData
+
+
+def tunnel_from(data: bytes, offset: int, events: list[object]) -> None:
+    """After llhttp's HttpParserUpgrade at ``offset`` in ``data``: what follows is
+    the tunnel's first bytes."""
+    if offset < len(data):
+        events.append(TunnelData(data[offset:]))

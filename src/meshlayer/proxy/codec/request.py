@@ -34,7 +34,7 @@ from typing import Final
 
 import httptools
 
-from meshlayer.proxy.codec.block import Callbacks, native, take_head
+from meshlayer.proxy.codec.block import Callbacks, cut_row, head_block, native
 from meshlayer.proxy.codec.chunked import TOO_LARGE, ChunkedEnd
 from meshlayer.proxy.codec.errors import ProtocolError
 from meshlayer.proxy.codec.events import (
@@ -48,6 +48,7 @@ from meshlayer.proxy.codec.events import (
     RequestHead,
     TunnelData,
     split_rows,
+    tunnel_from,
 )
 from meshlayer.proxy.codec.fields import (
     CLEN,
@@ -206,13 +207,9 @@ class RequestParser:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self.tunnel = True
-            rest = data[exc.args[0] :]
-            if rest:
-                events.append(TunnelData(rest))
+            tunnel_from(data, exc.args[0], events)
         except httptools.HttpParserError as exc:
-            err = self._raised or ProtocolError(400, _reason(exc))
-            self.error = err
-            events.append(err)
+            self._error(self._raised or ProtocolError(400, _reason(exc)))
             return events
         if self._in_head and was_in_head:
             self._head_raw += len(data)
@@ -229,14 +226,10 @@ class RequestParser:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self.tunnel = True
-            rest = data[exc.args[0] :]
-            if rest:
-                events.append(TunnelData(rest))
+            tunnel_from(data, exc.args[0], events)
             return events
         except httptools.HttpParserError as exc:
-            err = self._raised or ProtocolError(400, _reason(exc))
-            self.error = err
-            events.append(err)
+            self._error(self._raised or ProtocolError(400, _reason(exc)))
             return events
         finally:
             self._data = b""  # a read buffer is not kept past its feed
@@ -386,14 +379,7 @@ class RequestParser:
     # -- llhttp callbacks, in blocks ----------------------------------------
 
     def _block_head(self) -> None:
-        data = self._data
-        mark = self._mark
-        if self._carry or data[mark] == 13 or data[mark] == 10:
-            block, self._mark = take_head(self._carry, data, mark)
-            self._carry.clear()
-        else:  # the usual case: the whole head is in this feed, from ``mark``
-            end = self._mark = data.find(b"\r\n\r\n", mark) + 4
-            block = data if mark == 0 and end == len(data) else data[mark:end]
+        block, self._mark = head_block(self._carry, self._data, self._mark)
         rows = block.split(b"\r\n")  # start line, fields, then "" and "" (the empty line)
         line = rows[0]
         rows = rows[1:-2]
@@ -428,17 +414,8 @@ class RequestParser:
         expect = False
         kind_of = self._kind_of
         for row in rows:
-            # Split at the first colon by index: compiled, bytes methods are slow
-            # generic calls. ``canon``: the row is "name: value" with a single space.
-            i = 0
-            while row[i] != 58:
-                i += 1
+            i, canon = cut_row(row)
             name = row[:i]
-            n = len(row)
-            canon = i + 1 < n and row[i + 1] == 32
-            if canon and i + 2 < n:
-                c = row[i + 2]
-                canon = c != 32 and c != 9
             kind = kind_of.get(name)
             if kind is None:
                 kind = self._kinds.classify(name)

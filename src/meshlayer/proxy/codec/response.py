@@ -26,7 +26,7 @@ from typing import Final
 
 import httptools
 
-from meshlayer.proxy.codec.block import Callbacks, native, take_head
+from meshlayer.proxy.codec.block import Callbacks, cut_row, head_block, native
 from meshlayer.proxy.codec.chunked import TOO_LARGE, ChunkedEnd
 from meshlayer.proxy.codec.errors import ProtocolError
 from meshlayer.proxy.codec.events import (
@@ -41,6 +41,7 @@ from meshlayer.proxy.codec.events import (
     ResponseHead,
     TunnelData,
     split_rows,
+    tunnel_from,
 )
 from meshlayer.proxy.codec.fields import CLEN, CONN, PLAIN, TE, kind_table
 from meshlayer.proxy.codec.request import MAX_HEADER_BYTES, MAX_HEADERS
@@ -180,13 +181,9 @@ class ResponseParser:
                 self._parser.feed_data(data)
             except httptools.HttpParserUpgrade as exc:
                 self.tunnel = True
-                rest = data[exc.args[0] :]
-                if rest:
-                    events.append(TunnelData(rest))
+                tunnel_from(data, exc.args[0], events)
             except httptools.HttpParserError as exc:
-                return self._error(
-                    self._raised or ProtocolError(502, f"bad upstream response: {exc}")
-                )
+                return self._refused(exc)
             return events
         self._data = data
         self._mark = 0
@@ -194,12 +191,10 @@ class ResponseParser:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self.tunnel = True
-            rest = data[exc.args[0] :]
-            if rest:
-                events.append(TunnelData(rest))
+            tunnel_from(data, exc.args[0], events)
             return events
         except httptools.HttpParserError as exc:
-            return self._error(self._raised or ProtocolError(502, f"bad upstream response: {exc}"))
+            return self._refused(exc)
         finally:
             self._data = b""  # a read buffer is not kept past its feed
         mark = self._mark
@@ -251,9 +246,7 @@ class ResponseParser:
             try:
                 self._parser.feed_data(head)
             except httptools.HttpParserError as exc:
-                return self._error(
-                    self._raised or ProtocolError(502, f"bad upstream response: {exc}")
-                )
+                return self._refused(exc)
             finally:
                 self._data = b""
         if self._buf:
@@ -278,6 +271,10 @@ class ResponseParser:
         self.error = err
         self._events.append(err)
         return self._events
+
+    def _refused(self, exc: Exception) -> list[object]:
+        """llhttp refused the bytes (or a callback did, with ``_raised``)."""
+        return self._error(self._raised or ProtocolError(502, f"bad upstream response: {exc}"))
 
     def _fail(self, reason: str) -> ProtocolError:
         self._raised = ProtocolError(502, reason)
@@ -385,14 +382,7 @@ class ResponseParser:
     def _block_head(self) -> None:
         if not self._expecting:
             raise self._fail("upstream sent a second response")
-        data = self._data
-        mark = self._mark
-        if self._carry or data[mark] == 13 or data[mark] == 10:
-            block, self._mark = take_head(self._carry, data, mark)
-            self._carry.clear()
-        else:  # the usual case: the whole head is in this feed, from ``mark``
-            end = self._mark = data.find(b"\r\n\r\n", mark) + 4
-            block = data if mark == 0 and end == len(data) else data[mark:end]
+        block, self._mark = head_block(self._carry, self._data, self._mark)
         rows = block.split(b"\r\n")  # status line, fields, then "" and "" (the empty line)
         line = rows[0]
         rows = rows[1:-2]
@@ -416,16 +406,8 @@ class ResponseParser:
         clen = -1
         te = b""
         for row in rows:
-            # As in request.py: by index; ``canon``: "name: value", one space.
-            i = 0
-            while row[i] != 58:
-                i += 1
+            i, canon = cut_row(row)
             name = row[:i]
-            n = len(row)
-            canon = i + 1 < n and row[i + 1] == 32
-            if canon and i + 2 < n:
-                c = row[i + 2]
-                canon = c != 32 and c != 9
             kind = _KIND_OF.get(name)
             if kind is None:
                 kind = _KINDS.classify(name)
