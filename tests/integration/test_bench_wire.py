@@ -53,11 +53,12 @@ def test_wire_case_marks_reach_the_qdisc_and_keep_critical_calls_fast(tmp_path: 
         assert bands["batch"] > 4 * 2**20, bands
         assert 20_000 < bands["critical"] < 2**20, bands
         assert bands["default"] < 16_000, bands
-    # The links stay busy with the tree: 70-95 % each way in 4-20 s runs (each way's
-    # ACKs wait behind the other way's bulk bytes in the batch band; see bench/RESULTS.md).
-    assert loaded["bulk_share"] > 0.6, loaded
-    assert loaded["down_share"] > 0.6, loaded
-    assert rows["loaded/fifo"]["bulk_share"] > 0.6
+    # The links stay busy with the tree, both ways at once (pure ACKs ride in the top band,
+    # so neither way's ACKs wait behind the other way's bulk bytes; see bench/RESULTS.md).
+    # One FIFO band has no such rule: there one direction's ACKs queue behind the other's.
+    assert loaded["bulk_share"] > 0.8, loaded
+    assert loaded["down_share"] > 0.8, loaded
+    assert rows["loaded/fifo"]["bulk_share"] + rows["loaded/fifo"]["down_share"] > 0.6
 
     # One FIFO queue makes the critical calls wait behind the bulk bytes; the tree does not.
     qos_p99, fifo_p99 = loaded["p99_ms"], rows["loaded/fifo"]["p99_ms"]
