@@ -306,37 +306,12 @@ def test_qos_classes_file(tmp_path: Path) -> None:
         "apiVersion: meshlayer/v1\nkind: PriorityClass\nmetadata: {name: gold}\n"
         "spec: {rank: 75, weight: 20, dscp: AF41}\n"
     )
-    dry = run_meshlayer(
-        [
-            "net",
-            "qos",
-            "apply",
-            "--dev",
-            "eth9",
-            "--rate",
-            "1gbit",
-            "--classes",
-            str(f),
-            "--dry-run",
-        ]
-    )
+    argv = ["net", "qos", "apply", "--dev", "eth9", "--rate", "1gbit", "--classes", str(f)]
+    dry = run_meshlayer([*argv, "--dry-run"])
     assert dry.returncode == 0, dry.stderr
     assert "u32 match ip dsfield 0x88 0xfc flowid 1:11" in dry.stdout  # gold is second by rank
     f.write_text(f.read_text().replace("AF41", "AF51"))
-    bad = run_meshlayer(
-        [
-            "net",
-            "qos",
-            "apply",
-            "--dev",
-            "eth9",
-            "--rate",
-            "1gbit",
-            "--classes",
-            str(f),
-            "--dry-run",
-        ]
-    )
+    bad = run_meshlayer([*argv, "--dry-run"])
     assert bad.returncode == 2 and "(PriorityClass/gold): spec.dscp" in bad.stderr
 
 

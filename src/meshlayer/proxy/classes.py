@@ -69,7 +69,7 @@ class ClassState:
 class ClassTable:
     """The classes in force: by name (as header bytes), and by rank."""
 
-    __slots__ = ("_by_bytes", "by_name", "ordered")
+    __slots__ = ("_by_bytes", "by_name", "fallback", "ordered")
 
     def __init__(self, classes: Mapping[str, PriorityClass]) -> None:
         self.ordered = [ClassState(spec, i) for i, spec in enumerate(by_rank(classes.values()))]
@@ -78,13 +78,15 @@ class ClassTable:
         self._by_bytes = {c.name.encode(): c for c in self.ordered}
         if FALLBACK not in self.by_name:  # documents may not remove it, but be sure
             raise ValueError("the priority classes must include 'default'")
+        self.fallback = self.by_name[FALLBACK]
+        """The ``default`` class: for unknown names, and for everyone with --priority off."""
 
     def get(self, name: str) -> ClassState | None:
         return self.by_name.get(name)
 
     def default_for(self, name: str) -> ClassState:
         """A service's default class; ``default`` when the name is unknown here."""
-        return self.by_name.get(name) or self.by_name[FALLBACK]
+        return self.by_name.get(name) or self.fallback
 
     def read(self, picked: Mapping[bytes, bytes]) -> ClassState | None:
         """The class a request's watched fields carry, or None (absent or unknown)."""

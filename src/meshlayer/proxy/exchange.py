@@ -206,16 +206,13 @@ class Exchange:
         except MeshError as err:
             self._fail(err)
             return
-        marks = self.prio.spec  # the response bytes leave with the class's marks
-        if svc.fifo:  # --priority off: every socket carries the default class's
-            marks = listener.classes.default_for("default").spec
-        if marks is not down.marks:
-            down.mark(marks)
+        # The class this request is queued and marked as: with --priority off, one FIFO
+        # queue and the default class's marks for everyone.
+        prio = listener.classes.fallback if svc.fifo else self.prio
+        if prio.spec is not down.marks:  # the response bytes leave with the class's marks
+            down.mark(prio.spec)
         limits = svc.service.circuit_breaker
         adm = svc.admission
-        prio = self.prio  # --priority off: one FIFO queue, the default class's
-        if svc.fifo:
-            prio = listener.classes.default_for("default")
         if svc.in_flight >= limits.max_requests and (
             adm is None or not adm.queued or not adm.make_room(prio, now)
         ):  # (make_room: a lower class's newest waiter gives its place up)
