@@ -425,8 +425,10 @@ def test_adaptive_limit_follows_contention_in_the_app(cluster: Cluster) -> None:
 
 
 def test_adaptive_limit_stays_when_latency_rises_without_contention(cluster: Cluster) -> None:
-    """The app sleeps (a slow backend, say): latency rises eightfold while 8 clients
-    use 8 of the 20 slots. The limit is not what binds, so it must not shrink."""
+    """The app sleeps (a slow backend, say): latency rises eightfold when 8 clients come.
+    The limit had followed the light load down (to 3), so at first it reads the latency
+    as queueing and binds; an upward trial shows throughput growing with the slots, the
+    80 ms become the no-load latency, and the limit climbs past the 8 clients."""
     up = upstream_with(cluster, "web", "--delay-ms", "10")
     inbound = "{concurrency: adaptive, initialLimit: 20, minLimit: 2, sampleWindow: 50ms}"
     sc = cluster.sidecar(mesh(up, inbound=inbound, target="5s"), service="web", app=up.address)
@@ -436,8 +438,48 @@ def test_adaptive_limit_stays_when_latency_rises_without_contention(cluster: Clu
     warm.close()
     request(up.port, path="/set-delay/80")
     seen, lowest = _load(sc, sc.inbound, 8, 3.0)
-    assert lowest >= 18, lowest
+    assert lowest >= 9, lowest  # the 8 clients are not throttled in the second half
     assert seen and all(s == 200 for s in seen)
+
+
+@pytest.mark.slow
+def test_a_critical_request_waits_only_for_the_work_in_service(cluster: Cluster) -> None:
+    """A one-worker app at 20 ms per request, crowded by 6 batch clients: the adaptive
+    limit comes down to the app's concurrency (1, with one-window trials at 2) and the
+    critical client's requests take the reserved slot, so each waits for at most the
+    request in service — not for a queue of batch requests inside the app."""
+    up = upstream_with(cluster, "web", "--delay-ms", "20", "--workers", "1")
+    inbound = "{concurrency: adaptive, sampleWindow: 50ms}"
+    sc = cluster.sidecar(mesh(up, inbound=inbound, target="5s"), service="web", app=up.address)
+    warm = Client(sc.inbound, "batch")
+    for _ in range(5):  # the no-load latency is measured
+        assert warm.get("/")[0] == 200
+    warm.close()
+    stop = threading.Event()
+    crit: list[tuple[int, float]] = []
+
+    def critical() -> None:
+        client = Client(sc.inbound, "critical")
+        for _ in range(200):  # bounded; the event ends it first
+            if stop.wait(0.07):
+                break
+            status, _, _, dt = client.get("/")
+            crit.append((status, dt))
+        client.close()
+
+    t = in_thread(critical)
+    try:
+        batch = closed_loops(sc.inbound, {"batch": 6}, 5.0)
+    finally:
+        stop.set()
+        t.join(10)
+    assert batch and all(r[2] == 200 for r in batch)
+    assert _limit(sc) <= 2
+    later = [dt for status, dt in crit[len(crit) // 3 :] if status == 200]
+    assert len(later) >= 10 and len(later) == len(crit) - len(crit) // 3, crit
+    # residual of the batch request in service + its own 20 ms (+ the path), where a
+    # limit of 4-6 made it wait for 3-5 batch requests (80-120 ms)
+    assert statistics.median(later) < 0.05, sorted(later)
 
 
 # -- review fixes: reload, lost clients --------------------------------------------------

@@ -6,6 +6,7 @@ clock (``now`` passed in) and waiters that record what they were told.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections import Counter
@@ -17,8 +18,8 @@ from meshlayer.config import ConfigError, load_documents
 from meshlayer.config.model import DEFAULT_PRIORITY_CLASSES, Admission, PriorityClass
 from meshlayer.proxy.admission import (
     BURST,
+    AdaptiveLimit,
     AdmissionControl,
-    GradientLimit,
     admission_for,
 )
 from meshlayer.proxy.classes import ClassState, ClassTable
@@ -332,7 +333,7 @@ def test_adaptive_limit_drops_when_latency_rises_and_recovers() -> None:
 def test_adaptive_limit_does_not_grow_while_app_limited() -> None:
     adm = adaptive(initial_limit=20)
     run_windows(adm, 0.010, load=3, windows=50, now=0.0)
-    assert adm.limit == 20
+    assert adm.limit == 7  # it follows the load down to 2 x 3 + 1, untested beyond
 
 
 def test_adaptive_limit_stays_within_bounds() -> None:
@@ -348,22 +349,22 @@ def test_probe_remeasures_the_no_load_latency() -> None:
     adm = adaptive(initial_limit=20, min_limit=2, probe_interval=5.0)
     assert adm.adaptive is not None
     now = run_windows(adm, 0.010, load=20, windows=3, now=0.0)
-    now = run_windows(adm, 0.040, load=adm.limit, windows=30, now=now)  # 3 s: no probe yet
+    now = run_windows(adm, 0.025, load=20, windows=30, now=now)  # 3 s: no probe yet
     assert adm.adaptive.min_rtt == pytest.approx(0.010)
     dropped = adm.limit
     for _ in range(40):  # past 5 s +- jitter
-        now = run_windows(adm, 0.040, load=dropped, windows=1, now=now)
+        now = run_windows(adm, 0.025, load=dropped, windows=1, now=now)
         if adm.adaptive.probing:
             break
     assert adm.adaptive.probing
     assert adm.limit == 2
     before = round(adm.adaptive.saved)
     assert adm.capacity == before > 2  # predictions keep using the real capacity
-    now = run_windows(adm, 0.040, load=2, windows=1, now=now)  # at minLimit: a clean sample
+    now = run_windows(adm, 0.025, load=2, windows=1, now=now)  # at minLimit: a clean sample
     assert not adm.adaptive.probing
-    assert adm.adaptive.min_rtt == pytest.approx(0.040)
+    assert adm.adaptive.min_rtt == pytest.approx(0.025)
     assert adm.limit == before  # restored
-    run_windows(adm, 0.040, load=None, windows=25, now=now)
+    run_windows(adm, 0.025, load=None, windows=25, now=now)
     assert adm.limit > dropped  # 40 ms is the new normal: the limit grows again
 
 
@@ -373,7 +374,7 @@ def test_adaptive_limit_settles_near_the_app_concurrency(workers: int, at_most: 
     latency grows with what is admitted past its workers, and the limit settles at about
     twice its concurrency (latency near ``tolerance`` times the minimum), not at sqrt's
     floor of 4, where a one-at-a-time app keeps three requests waiting in it."""
-    g = GradientLimit(Admission(initial_limit=20, min_limit=1), random.Random(1))
+    g = AdaptiveLimit(Admission(initial_limit=20, min_limit=1), random.Random(1))
     now = 0.1
     g.update(0.002, 1, False, now)  # light load first: the no-load latency
     for _ in range(300):  # windows
@@ -385,11 +386,11 @@ def test_adaptive_limit_settles_near_the_app_concurrency(workers: int, at_most: 
 
 
 def test_gradient_never_more_than_halves_per_window() -> None:
-    g = GradientLimit(Admission(initial_limit=100, max_limit=1000), random.Random(1))
+    g = AdaptiveLimit(Admission(initial_limit=100, max_limit=1000), random.Random(1))
     g.update(0.01, 100, True, 0.0)
     before = g.limit
     g.update(10.0, 100, True, 0.1)  # a thousandfold latency
-    assert g.limit >= before * (1 - 0.2 * 0.5)
+    assert g.limit == before // 2
 
 
 def test_unlimited_has_no_admission_control() -> None:
@@ -498,7 +499,7 @@ def test_latency_that_rises_while_the_limit_is_not_binding_does_not_shrink_it() 
     adm = adaptive(initial_limit=20, min_limit=2)
     now = run_windows(adm, 0.010, load=8, windows=5, now=0.0)
     run_windows(adm, 0.080, load=8, windows=30, now=now)
-    assert adm.limit == 20
+    assert adm.limit == 17  # 2 x 8 + 1: it stays loose enough not to bind
 
 
 def stalled(n: int, now: float) -> AdmissionControl:
@@ -559,7 +560,7 @@ def test_make_room_sheds_the_newest_waiter_of_a_lower_class() -> None:
 
 def test_no_probe_while_requests_queue() -> None:
     """Pinning the limit at minLimit under a queue is a latency spike every minute."""
-    adm = adaptive(initial_limit=20, min_limit=2, probe_interval=1.0)
+    adm = adaptive(initial_limit=20, min_limit=2, max_limit=20, probe_interval=1.0)
     assert adm.adaptive is not None
     crit = table(critical=60).by_name["critical"]
     now = run_windows(adm, 0.010, load=None, windows=3, now=0.0)
@@ -638,3 +639,100 @@ def test_config_probe_interval_spans_ten_windows() -> None:
     with pytest.raises(ConfigError) as info:
         load_documents(service("inbound: {sampleWindow: 1s, probeInterval: 5s}"), "t")
     assert "spec.inbound.probeInterval: must be at least 10 x sampleWindow" in str(info.value)
+
+
+# -- the adaptive limit: Little's law, upward trials, the reserve ------------------------
+
+
+def crowd(
+    g: AdaptiveLimit, workers: int, windows: int, now: float, service: float = 0.002
+) -> list[int]:
+    """An app serving ``workers`` at a time at ``service`` each, always more demand than
+    the limit: latency grows with what is admitted past its workers. The limits seen."""
+    seen = []
+    for _ in range(windows):
+        rtt = service * max(1.0, g.limit / workers)
+        now += 0.1
+        g.update(rtt, g.limit, True, now)
+        seen.append(round(g.limit))
+    return seen
+
+
+@pytest.mark.parametrize(("workers", "settled"), [(1, 1), (2, 3), (4, 6), (40, 60)])
+def test_the_limit_settles_at_tolerance_times_the_served_concurrency(
+    workers: int, settled: int
+) -> None:
+    """From initialLimit 20 (or below), the limit reaches floor(workers x 1.5) in a few
+    windows, not seconds, and stays there but for one-window upward trials."""
+    for start in (20, 1):
+        g = AdaptiveLimit(Admission(initial_limit=start, min_limit=1), random.Random(1))
+        g.update(0.002, 1, False, 0.1)  # light load first: the no-load latency
+        seen = crowd(g, workers, 300, 0.1)
+        assert settled in seen[:12], (start, seen[:12])
+        later = seen[50:]
+        assert Counter(later).most_common(1)[0][0] == settled, Counter(later)
+        assert sum(v != settled for v in later) <= len(later) // 10, Counter(later)
+
+
+def test_upward_trials_back_off_when_they_do_not_pay() -> None:
+    g = AdaptiveLimit(Admission(initial_limit=1, min_limit=1), random.Random(1))
+    g.update(0.002, 1, False, 0.1)
+    seen = crowd(g, 1, 400, 0.1)
+    trials = [i for i, v in enumerate(seen) if v > 1]
+    gaps = [b - a for a, b in itertools.pairwise(trials)]
+    assert gaps == sorted(gaps)  # each trial waits at least as long as the one before
+    assert gaps[-1] >= 32
+
+
+def test_a_faster_app_is_found_by_trials() -> None:
+    """A limit of 1 cannot grow by the rule (floor(1 x 1.5) = 1): the trial shows that a
+    second slot doubles what is served, and the limit climbs to the new concurrency."""
+    g = AdaptiveLimit(Admission(initial_limit=1, min_limit=1), random.Random(1))
+    g.update(0.002, 1, False, 0.1)
+    crowd(g, 1, 100, 0.1)  # the trials back off against a one-worker app
+    seen = crowd(g, 8, 200, 10.1)  # it gets 8 workers
+    assert 12 in seen[-20:]
+
+
+def test_the_top_class_takes_a_reserved_slot_while_lower_classes_queue() -> None:
+    adm = adaptive(initial_limit=4, min_limit=1)
+    t = table(critical=60, default=60, batch=60)
+    crit, default, batch = (t.by_name[n] for n in ("critical", "default", "batch"))
+    assert (adm.limit, adm.reserve) == (4, 2)
+    held = [W(batch, 0.0) for _ in range(4)]
+    for w in held:
+        assert enter(adm, w, 0.0) is None and w.admitted_at == 0.0
+    queued = [W(batch, 0.0), W(default, 0.0)]
+    for w in queued:
+        assert enter(adm, w, 0.0) is None and w.admitted_at is None
+    crits = [W(crit, 0.0) for _ in range(3)]
+    for w in crits:
+        assert enter(adm, w, 0.0) is None
+    assert [w.admitted_at for w in crits] == [0.0, 0.0, None]  # the two reserved slots
+    adm.release(1.0)
+    assert crits[2].admitted_at == 1.0  # the top class first
+    adm.release(2.0)
+    adm.release(3.0)  # in use 4 of 4 (+2 reserved): nothing below the top may go
+    assert all(w.admitted_at is None for w in queued)
+    adm.release(4.0)
+    assert queued[1].admitted_at == 4.0  # default, then batch, into the shared slots
+    adm.release(5.0)
+    assert queued[0].admitted_at == 5.0
+
+
+def test_a_fixed_limit_has_no_reserve() -> None:
+    adm = fixed(2)
+    crit = table().by_name["critical"]
+    ws = [W(crit, 0.0) for _ in range(3)]
+    assert [enter(adm, w, 0.0) for w in ws] == [None] * 3
+    assert adm.reserve == 0 and ws[2].admitted_at is None
+
+
+def test_priority_off_never_takes_the_reserve() -> None:
+    """--priority off puts everyone in ``default``, which is not the top class."""
+    adm = adaptive(initial_limit=2, min_limit=1)
+    t = table(default=60)
+    assert not t.fallback.top and t.by_name["critical"].top
+    ws = [W(t.fallback, 0.0) for _ in range(3)]
+    assert [enter(adm, w, 0.0) for w in ws] == [None] * 3
+    assert ws[2].admitted_at is None and adm.in_use == 2

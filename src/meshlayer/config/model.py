@@ -117,12 +117,13 @@ class Admission:
     """``adaptive`` (learned from latency), ``unlimited``, or a fixed limit (an integer >= 1)."""
     initial_limit: int = 20
     """Adaptive: the limit before any latency has been measured."""
-    min_limit: int = 2
+    min_limit: int = 1
     """Adaptive: the limit never goes below this (and probes the no-load latency at it)."""
     max_limit: int = 1000
     """Adaptive: the limit never goes above this."""
     tolerance: float = 1.5
-    """Adaptive: latency up to this multiple of the no-load minimum is not congestion."""
+    """Adaptive: the limit is at most this multiple of the concurrency the destination
+    serves (latency up to this multiple of the no-load minimum is not congestion)."""
     sample_window: float = 0.1
     """Adaptive: seconds of latency samples averaged per limit update (at least 5 samples)."""
     probe_interval: float = 60.0

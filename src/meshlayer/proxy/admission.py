@@ -12,24 +12,47 @@ a queued request is a ``Waiter`` that is told ``admitted(now)`` or
 (``in_use += 1``, stamp ``last_done``) and go on (no callback). Everything else here runs only
 when requests have to wait.
 
-*Limit.* Fixed, or adaptive (``GradientLimit``, the gradient idea of
-Netflix's concurrency-limits and Envoy's adaptive_concurrency): each request
-reports its latency from admission to response head (``sample``; a 5xx or a
-peer's shed is a drop, not a sample; a request that ends without a head
-reports a lower bound); per window of ``sampleWindow`` seconds (at least
-``MIN_SAMPLES`` samples) the window's mean ``rtt`` is compared with the
-no-load minimum ``min_rtt``: ``gradient = clamp(min_rtt * tolerance / rtt,
-0.5, 1)``, ``new = limit * gradient + headroom(limit)`` (``sqrt(limit)``,
-``limit / 4`` below 16: see :func:`headroom`), smoothed
-``limit += 0.2 * (new - limit)`` and clamped to ``[minLimit, maxLimit]``.
-The limit moves only while it binds (mean load at least half the limit, or
-something queued): otherwise demand sets the concurrency and latency says
-nothing about the limit. A window with more drops than samples never lowers
+*Limit.* Fixed, or adaptive (``AdaptiveLimit``). Each request reports its
+latency from admission to response head (``sample``; a 5xx or a peer's shed
+is a drop, not a sample; a request that ends without a head reports a lower
+bound). Per window of ``sampleWindow`` seconds (at least ``MIN_SAMPLES``
+samples; sooner, once ``MIN_SAMPLES`` average ``CONGESTED`` x ``tolerance``
+times the no-load latency: a sudden overload is met in milliseconds) the
+window's mean latency ``rtt`` and mean slots in use ``load``
+give, by Little's law, the concurrency the destination really serves:
+``served = load * min_rtt / rtt`` (``min_rtt``: the no-load latency; the rest
+of ``load`` waited inside the destination). The limit becomes ``floor(served
+* tolerance)`` (at most halving per window, clamped to ``[minLimit,
+maxLimit]``): latency settles at about ``tolerance`` times the no-load
+minimum, and a limit far off is corrected in a window or a few, not smoothed
+over seconds. While the rule holds the limit and requests wait, every few
+windows an *upward trial* adds ``TRIAL_STEP`` of the limit (at least a slot)
+for one window: if throughput (``load / rtt``) grew by at least half as much
+(relatively) as the load did, the destination had room; and if its latency is
+nevertheless above ``tolerance`` x ``min_rtt``, that latency is not queueing
+(a slower backend, a sleep) and becomes the no-load baseline, so the rule
+keeps the limit. Otherwise the limit returns and the next trial waits twice
+as long (up to ``MAX_TRIAL_WAIT`` windows). Small limits need trials:
+``floor(1 * 1.5)`` is 1 whatever the destination could take.
+The rule applies only while the limit binds (mean load at least half the
+limit, or something queued): otherwise demand sets the concurrency and
+latency says nothing about the limit, which then only follows the load down
+to ``IDLE_HEADROOM`` x load + 1 (an unused limit is untested: a sudden
+overload would put all of it into the destination before one sample came
+back, as an unused TCP window would, RFC 2861). A window with more drops than samples never lowers
 ``min_rtt``. Every ``probeInterval`` (jittered), if nothing queued in the
 window, the limit is pinned at ``minLimit`` until a window of samples taken
 at that concurrency re-measures ``min_rtt``, then restored: latency that
 rose for good becomes the new baseline instead of throttling forever. Under
 a queue the probe waits (pinning then is a latency spike).
+
+*Reserve* (trunk reservation, as telephone exchanges keep trunks for
+priority calls): above an adaptive limit, ``reserve_for(limit)`` more slots
+(a quarter of it, at least one) are open to the top-ranked class only (and to
+a class owed its weight). The limit keeps lower classes at about what the
+destination serves at once, so when a top-class request comes, a slot is
+free: it waits for no lower-class request queued inside the app, only for
+the work in service. A fixed limit has no reserve: it is the number given.
 
 *Queues and order.* Above the limit a request waits in its class's queue
 (``ClassQueue``). When a slot frees, the highest-ranked backlogged class goes
@@ -81,8 +104,15 @@ from meshlayer.proxy.errors import MeshError
 log = logging.getLogger("meshlayer.admission")
 
 MIN_SAMPLES = 5  # latency samples a window needs before the limit moves
-SMOOTHING = 0.2  # share of the computed limit taken per window
-MIN_GRADIENT = 0.5  # the limit at most halves (before smoothing) per window
+MIN_GRADIENT = 0.5  # the limit at most halves per window
+TRIAL_STEP = 0.25  # an upward trial adds this share of the limit (at least one slot)
+TRIAL_GAIN = 0.5  # ... and pays when throughput grew by half as much as the load did
+TRIAL_WAIT = 2  # binding windows between upward trials while they pay
+MAX_TRIAL_WAIT = 64  # ... doubling after each that did not, up to this many
+IDLE_HEADROOM = 2.0  # while it does not bind, the limit follows this x the load (+1) down
+CONGESTED = 2.0  # a window whose mean latency is this x tolerance x no-load closes early
+RESERVE_SHARE = 0.25  # adaptive: the top class may exceed the limit by this share of it
+MIN_RESERVE = 2  # ... and by at least this many slots
 BURST = 4.0  # credit a lower class may be owed before it gets a turn
 MAX_CREDIT = 64.0
 SHED_QUIET = 1.0  # seconds without a shed after which a class's shedding has stopped
@@ -107,6 +137,10 @@ class PriorityLike(Protocol):
     def target(self) -> float: ...
     @property
     def max_queue(self) -> int: ...
+    @property
+    def top(self) -> bool:
+        """Whether it is the top-ranked class (it may take the reserved slots)."""
+        ...
 
 
 class Waiter(Protocol):
@@ -145,6 +179,7 @@ class ClassQueue:
         "shed_total",
         "shedding",
         "target",
+        "top",
         "waiters",
         "weight",
     )
@@ -152,6 +187,7 @@ class ClassQueue:
     def __init__(self, cls: PriorityLike) -> None:
         self.name = cls.name
         self.rank = cls.rank
+        self.top = cls.top
         self.weight = max(1, cls.weight)
         self.target = cls.target
         self.max_queue = cls.max_queue
@@ -170,6 +206,7 @@ class ClassQueue:
         """Whether the queue runs on ``cls``'s current settings."""
         return (
             self.rank == cls.rank
+            and self.top == cls.top
             and self.target == cls.target
             and self.weight == max(1, cls.weight)
             and self.max_queue == cls.max_queue
@@ -178,6 +215,7 @@ class ClassQueue:
     def update(self, cls: PriorityLike) -> None:
         """The class's settings may change with a config reload."""
         self.rank = cls.rank
+        self.top = cls.top
         self.weight = max(1, cls.weight)
         self.target = cls.target
         self.max_queue = cls.max_queue
@@ -186,11 +224,12 @@ class ClassQueue:
         return f"<ClassQueue {self.name} rank={self.rank} queued={self.count}>"
 
 
-class GradientLimit:
+class AdaptiveLimit:
     """The adaptive limit: see the module docstring."""
 
     __slots__ = (
         "attempts",
+        "backoff",
         "limit",
         "max_limit",
         "min_limit",
@@ -201,6 +240,10 @@ class GradientLimit:
         "rng",
         "saved",
         "tolerance",
+        "trial_base",
+        "trial_load",
+        "trial_rate",
+        "wait",
     )
 
     def __init__(self, spec: Admission, rng: random.Random | None = None) -> None:
@@ -215,6 +258,11 @@ class GradientLimit:
         self.probing = False
         self.saved = 0.0  # the limit before a probe
         self.attempts = 0
+        self.trial_base = 0.0  # the limit before an upward trial (0: none running)
+        self.trial_rate = 0.0  # the throughput (load / rtt) measured before it
+        self.trial_load = 0.0  # ... and the load
+        self.wait = 0  # binding windows before the next upward trial
+        self.backoff = TRIAL_WAIT
 
     def reconfigure(self, spec: Admission) -> None:
         """New tuning from a reload; the measured baseline and the limit stay (clamped)."""
@@ -222,7 +270,10 @@ class GradientLimit:
         self.max_limit = spec.max_limit
         self.tolerance = spec.tolerance
         self.probe_interval = spec.probe_interval
-        self.limit = min(float(self.max_limit), max(float(self.min_limit), self.limit))
+        self.limit = self._clamp(self.limit)
+
+    def _clamp(self, limit: float) -> float:
+        return min(float(self.max_limit), max(float(self.min_limit), limit))
 
     def _jittered(self) -> float:
         return self.probe_interval * self.rng.uniform(0.75, 1.25)
@@ -255,6 +306,7 @@ class GradientLimit:
                 self.probing = True
                 self.attempts = 0
                 self.saved = self.limit
+                self.trial_base = 0.0
                 self.limit = float(self.min_limit)
                 return self.limit
         elif clean:
@@ -264,26 +316,45 @@ class GradientLimit:
             # Not binding: demand, not the limit, sets the concurrency. Latency that rises
             # now does not come from crowding the destination (a slower backend, a
             # sleep): shrinking would only cut throughput. Nor does low latency say
-            # that more would be fine.
-            return limit
-        gradient = max(MIN_GRADIENT, min(1.0, self.min_rtt * self.tolerance / rtt))
-        new = limit * gradient + headroom(limit)
-        limit += SMOOTHING * (new - limit)
-        self.limit = min(float(self.max_limit), max(float(self.min_limit), limit))
-        return self.limit
+            # that more would be fine. But a limit far above the load is untested (as TCP
+            # lets an unused window decay, RFC 2861): a sudden overload would put all of
+            # it into the destination before one sample came back. It follows the load
+            # down, staying loose enough not to bind.
+            self.trial_base = 0.0
+            self.limit = self._clamp(min(limit, math.ceil(IDLE_HEADROOM * load) + 1))
+            return self.limit
+        throughput = load / rtt
+        trial = self.trial_base
+        if trial:  # the last window ran with more slots: did throughput grow with them?
+            self.trial_base = 0.0
+            grew = load / self.trial_load - 1  # the load the added slots took (relative)
+            paid = grew > 0.05 and throughput / self.trial_rate - 1 >= TRIAL_GAIN * grew
+            self.backoff = TRIAL_WAIT if paid else min(MAX_TRIAL_WAIT, self.backoff * 2)
+            self.wait = 0 if paid else self.backoff
+            if paid and rtt > self.min_rtt * self.tolerance:
+                # Throughput rose with the load, so the latency is not queueing (a slower
+                # backend, a sleep): it is the no-load latency now.
+                self.min_rtt = rtt
+        # Little's law: at the no-load latency this throughput needs ``served`` requests
+        # at once; the rest of the load waited inside the destination.
+        served = min(load, throughput * self.min_rtt)
+        target = self._clamp(math.floor(served * self.tolerance + 1e-9))
+        target = max(target, math.floor(limit * MIN_GRADIENT))  # at most halve per window
+        if not trial and target == limit and queued and limit < self.max_limit:
+            if self.wait > 0:
+                self.wait -= 1
+            else:  # demand waits and the rule does not grow: try more slots for a window
+                self.trial_base = limit
+                self.trial_rate = throughput
+                self.trial_load = load
+                target = self._clamp(limit + max(1, math.floor(limit * TRIAL_STEP)))
+        self.limit = target
+        return target
 
 
-def headroom(limit: float) -> float:
-    """What the limit may grow by per window: ``sqrt(limit)``, but ``limit / 4`` below 16.
-
-    With ``sqrt`` alone a small limit cannot shrink below 4 however slow the
-    destination gets (``4 * 0.5 + sqrt(4) = 4``), and an app that serves one
-    request at a time then holds 3 queued behind the one it serves — where a
-    critical request waits too. ``limit / 4`` (equal to ``sqrt`` at 16) settles
-    at about twice the app's real concurrency, with latency at ``tolerance``
-    times the no-load minimum, as the gradient intends.
-    """
-    return limit / 4 if limit < 16 else math.sqrt(limit)
+def reserve_for(limit: int) -> int:
+    """Slots above an adaptive ``limit`` that only the top class may take."""
+    return max(MIN_RESERVE, math.ceil(limit * RESERVE_SHARE))
 
 
 class AdmissionControl:
@@ -295,6 +366,8 @@ class AdmissionControl:
         "_logged_limit",
         "_where",
         "adaptive",
+        "area",
+        "congested",
         "direction",
         "drops",
         "in_use",
@@ -305,12 +378,15 @@ class AdmissionControl:
         "queued",
         "queued_seen",
         "queues",
+        "reserve",
         "rtt_n",
         "rtt_sum",
         "service",
         "service_time",
+        "t_area",
         "window",
         "window_end",
+        "window_start",
     )
 
     def __init__(
@@ -318,8 +394,10 @@ class AdmissionControl:
     ) -> None:
         self.direction = direction
         self.service = service
-        self.adaptive: GradientLimit | None = None
+        self.adaptive: AdaptiveLimit | None = None
         self.limit = 1
+        self.reserve = 0
+        """Slots above ``limit`` that only the top class may take (adaptive limits only)."""
         self._mode(spec, rng)
         self._logged_limit = self.limit
         self.in_use = 0
@@ -332,6 +410,10 @@ class AdmissionControl:
         self._left: set[Waiter] = set()  # tombstones: waiters that left their queue
         self.window = spec.sample_window
         self.window_end = 0.0
+        self.window_start = 0.0  # when the current window began (0: before the first)
+        self.area = 0.0
+        """Slot-seconds in use since ``window_start``: the window's mean load."""
+        self.t_area = 0.0  # ``area`` counts up to here
         self.rtt_sum = 0.0
         self.rtt_n = 0
         self.drops = 0
@@ -339,6 +421,9 @@ class AdmissionControl:
         self.queued_seen = False
         self.service_time = 0.0
         """Mean latency from admission to response head (seconds; 0: not measured yet)."""
+        self.congested = math.inf
+        """Adaptive: a window whose mean latency passes this closes at once (at least
+        ``MIN_SAMPLES`` samples): ``CONGESTED`` x tolerance x the no-load latency."""
         self.last_done = 0.0
         """When a slot last changed hands (0: never): while all are taken, how long the
         destination has made no progress."""
@@ -347,13 +432,15 @@ class AdmissionControl:
     def _mode(self, spec: Admission, rng: random.Random | None = None) -> None:
         if spec.concurrency == "adaptive":
             if self.adaptive is None:
-                self.adaptive = GradientLimit(spec, rng)
+                self.adaptive = AdaptiveLimit(spec, rng)
             else:
                 self.adaptive.reconfigure(spec)
             self.limit = max(1, round(self.adaptive.limit))
+            self.reserve = reserve_for(self.limit)
         elif isinstance(spec.concurrency, int):
             self.adaptive = None
             self.limit = spec.concurrency
+            self.reserve = 0
         else:
             raise ValueError(f"no admission control for concurrency {spec.concurrency!r}")
 
@@ -364,6 +451,7 @@ class AdmissionControl:
         if spec.concurrency == "unlimited":
             self.adaptive = None
             self.limit = 1 << 30
+            self.reserve = 0
         else:
             self._mode(spec)
             self.window = spec.sample_window
@@ -389,13 +477,23 @@ class AdmissionControl:
         self.rtt_sum += rtt
         self.rtt_n += 1
         self.load_sum += self.in_use
-        if now >= self.window_end and (self.rtt_n >= MIN_SAMPLES or not self.service_time):
-            self._close_window(now)
+        self.area += self.in_use * (now - self.t_area)
+        self.t_area = now
+        if now >= self.window_end:
+            if self.rtt_n >= MIN_SAMPLES or not self.service_time:
+                self._close_window(now)
+        elif self.rtt_sum > self.congested * self.rtt_n and self.rtt_n >= MIN_SAMPLES:
+            self._close_window(now)  # heavy congestion: act on these samples now
 
     def _close_window(self, now: float) -> None:
         n = self.rtt_n
         rtt = max(1e-6, self.rtt_sum / n)
-        load = self.load_sum / n
+        span = now - self.window_start
+        # Little's law needs the time average of the slots in use; the mean at the
+        # samples is biased when responses come in bursts (it sees the burst drain).
+        load = self.area / span if self.window_start and span > 0 else self.load_sum / n
+        self.area = 0.0
+        self.window_start = now
         queued = self.queued_seen or self.queued > 0
         clean = self.drops * CLEAN_SHARE <= n  # mostly successes
         self.rtt_sum = 0.0
@@ -406,12 +504,17 @@ class AdmissionControl:
         self.window_end = now + self.window
         st = self.service_time
         self.service_time = rtt if not st else st + 0.3 * (rtt - st)
-        if self.adaptive is None or n < MIN_SAMPLES:
+        a = self.adaptive
+        if a is None or n < MIN_SAMPLES:
             return
-        limit = max(1, round(self.adaptive.update(rtt, load, queued, now, clean)))
+        limit = max(1, round(a.update(rtt, load, queued, now, clean)))
+        self.congested = (
+            CONGESTED * a.tolerance * a.min_rtt if a.min_rtt and not a.probing else math.inf
+        )
         if limit == self.limit:
             return
         self.limit = limit
+        self.reserve = reserve_for(limit)
         if abs(limit - self._logged_limit) >= LOG_CHANGE * self._logged_limit:
             log.info(
                 "%s %s: concurrency limit %d -> %d (latency %.1fms, no-load %.1fms%s)",
@@ -420,8 +523,8 @@ class AdmissionControl:
                 self._logged_limit,
                 limit,
                 rtt * 1000,
-                self.adaptive.min_rtt * 1000,
-                ", probing" if self.adaptive.probing else "",
+                a.min_rtt * 1000,
+                ", probing" if a.probing else "",
             )
             self._logged_limit = limit
         if self.queued:
@@ -450,9 +553,17 @@ class AdmissionControl:
         path: a slot is free and nobody waits). False: it waits (``waiter.admitted``
         comes later, or ``shed``). Or the shed error: answer it."""
         if self.in_use < self.limit and not self.queued:  # the fast path
+            self.area += self.in_use * (now - self.t_area)
+            self.t_area = self.last_done = now
             self.in_use += 1
-            self.last_done = now
             return True
+        if cls.top and self.in_use < self.limit + self.reserve:  # a reserved slot
+            q = self.queues.get(cls.name)
+            if q is None or not q.count:
+                self.area += self.in_use * (now - self.t_area)
+                self.t_area = self.last_done = now
+                self.in_use += 1
+                return True
         return self.arrive(waiter, cls, now) or False
 
     def arrive(self, waiter: Waiter, cls: PriorityLike, now: float) -> MeshError | None:
@@ -481,7 +592,7 @@ class AdmissionControl:
         self._where[waiter] = q
         self.queued += 1
         self.queued_seen = True
-        if self.in_use < self.limit:
+        if self.in_use < self.limit + self.reserve:
             self.dispatch(now)
         else:
             self.check_heads(now)
@@ -560,8 +671,9 @@ class AdmissionControl:
 
     def release(self, now: float) -> None:
         """A slot is free again (the caller's ``in_use -= 1`` plus the queue's turn)."""
+        self.area += self.in_use * (now - self.t_area)
+        self.t_area = self.last_done = now
         self.in_use -= 1
-        self.last_done = now
         if self.queued:
             self.dispatch(now)
 
@@ -602,11 +714,16 @@ class AdmissionControl:
         self._dispatching = True
         try:
             while True:
-                while self.queued and self.in_use < self.limit:
+                admitted = 0
+                while self.queued:
                     q = self._pick()
+                    if q is None:
+                        break  # no slot, or only reserved ones and no class may take them
+                    admitted += 1
                     waiter = self._pop(q)
+                    self.area += self.in_use * (now - self.t_area)
+                    self.t_area = self.last_done = now
                     self.in_use += 1
-                    self.last_done = now
                     delay = now - waiter.t0
                     q.delay_sum += delay
                     q.buckets[_bucket(delay)] += 1
@@ -617,12 +734,17 @@ class AdmissionControl:
                         self.in_use -= 1
                 if self.queued:
                     self.check_heads(now)
-                if not self.queued or self.in_use >= self.limit:
+                if not admitted or not self.queued:
                     break  # (callbacks above may have freed slots: go round again)
         finally:
             self._dispatching = False
 
-    def _pick(self) -> ClassQueue:
+    def _pick(self) -> ClassQueue | None:
+        """The queue whose head takes the next slot, or None: no slot is free (or only
+        reserved ones, which the top class takes, or a class owed its weight)."""
+        reserved = self.in_use >= self.limit
+        if reserved and self.in_use >= self.limit + self.reserve:
+            return None
         top: ClassQueue | None = None
         owed: ClassQueue | None = None
         wsum = 0
@@ -633,8 +755,11 @@ class AdmissionControl:
                     top = q
                 elif q.credit >= BURST and (owed is None or q.credit > owed.credit):
                     owed = q
-        assert top is not None
+        if top is None:
+            return None
         chosen = owed or top
+        if reserved and owed is None and not top.top:
+            return None
         for q in self.order:
             if q.count:
                 q.credit = min(MAX_CREDIT, q.credit + q.weight / wsum)

@@ -45,6 +45,7 @@ class ClassState:
         "so_priority",
         "spec",
         "target",
+        "top",
         "weight",
     )
 
@@ -56,6 +57,8 @@ class ClassState:
         self.weight = spec.weight
         self.target = spec.queue_delay_target
         self.max_queue = spec.max_queue_length
+        self.top = False
+        """The top-ranked class (set by the table): it may take admission's reserved slots."""
         self.dscp = spec.dscp
         self.so_priority = spec.so_priority
         self.cc = spec.congestion_control
@@ -74,6 +77,8 @@ class ClassTable:
     def __init__(self, classes: Mapping[str, PriorityClass]) -> None:
         self.ordered = [ClassState(spec, i) for i, spec in enumerate(by_rank(classes.values()))]
         """Most important first; ``ordered[c.index] is c``."""
+        for c in self.ordered:
+            c.top = c.rank == self.ordered[0].rank
         self.by_name = {c.name: c for c in self.ordered}
         self._by_bytes = {c.name.encode(): c for c in self.ordered}
         if FALLBACK not in self.by_name:  # documents may not remove it, but be sure
