@@ -27,7 +27,8 @@ maxLimit]``): latency settles at about ``tolerance`` times the no-load
 minimum, and a limit far off is corrected in a window or a few, not smoothed
 over seconds. While the rule holds the limit and requests wait, every few
 windows an *upward trial* adds ``TRIAL_STEP`` of the limit (at least a slot)
-for one window: if throughput (``load / rtt``) grew by at least half as much
+for one window (at least ``TRIAL_RTTS`` latencies long, never closed early):
+if the completions counted per second grew by at least half as much
 (relatively) as the load did, the destination had room; and if its latency is
 nevertheless above ``tolerance`` x ``min_rtt``, that latency is not queueing
 (a slower backend, a sleep) and becomes the no-load baseline, so the rule
@@ -59,8 +60,11 @@ the work in service. A fixed limit has no reserve: it is the number given.
 first, unless a lower class is owed its weight: on every dispatch each
 backlogged class earns ``weight / Σ weight(backlogged)`` credit and the
 dispatched class pays 1; a class whose credit reaches ``BURST`` goes next
-(the most owed first). So over a backlog each class gets its weight's share
-of dispatches, while short bursts are served in strict rank order (a lower
+(the most owed first), or already at a credit of 1 once its head waited past
+its class's target (else a class whose target is short next to ``BURST /
+share`` dispatches would lose every head to the 2 x target shedding before
+its turn). So over a backlog each class gets its weight's share of
+dispatches, while short bursts are served in strict rank order (a lower
 class falls at most ``BURST / share`` dispatches behind before its turn).
 An emptied queue forgets its credit.
 
@@ -107,6 +111,7 @@ MIN_SAMPLES = 5  # latency samples a window needs before the limit moves
 MIN_GRADIENT = 0.5  # the limit at most halves per window
 TRIAL_STEP = 0.25  # an upward trial adds this share of the limit (at least one slot)
 TRIAL_GAIN = 0.5  # ... and pays when throughput grew by half as much as the load did
+TRIAL_RTTS = 3  # a trial window lasts at least this many latencies (and sampleWindow)
 TRIAL_WAIT = 2  # binding windows between upward trials while they pay
 MAX_TRIAL_WAIT = 64  # ... doubling after each that did not, up to this many
 IDLE_HEADROOM = 2.0  # while it does not bind, the limit follows this x the load (+1) down
@@ -259,7 +264,7 @@ class AdaptiveLimit:
         self.saved = 0.0  # the limit before a probe
         self.attempts = 0
         self.trial_base = 0.0  # the limit before an upward trial (0: none running)
-        self.trial_rate = 0.0  # the throughput (load / rtt) measured before it
+        self.trial_rate = 0.0  # the completions per second counted before it
         self.trial_load = 0.0  # ... and the load
         self.wait = 0  # binding windows before the next upward trial
         self.backoff = TRIAL_WAIT
@@ -279,11 +284,18 @@ class AdaptiveLimit:
         return self.probe_interval * self.rng.uniform(0.75, 1.25)
 
     def update(
-        self, rtt: float, load: float, queued: bool, now: float, clean: bool = True
+        self,
+        rtt: float,
+        load: float,
+        queued: bool,
+        now: float,
+        clean: bool = True,
+        rate: float = 0.0,
     ) -> float:
         """One window: mean latency ``rtt``, mean requests in use ``load``, whether any
         request queued, whether the window was mostly successes (``clean``: only then may
-        it lower the no-load baseline); the new limit."""
+        it lower the no-load baseline), the completions per second counted (``rate``; 0:
+        take ``load / rtt``); the new limit."""
         if self.probing:
             self.attempts += 1
             if load <= self.min_limit or self.attempts >= PROBE_TRIES:
@@ -324,11 +336,12 @@ class AdaptiveLimit:
             self.limit = self._clamp(min(limit, math.ceil(IDLE_HEADROOM * load) + 1))
             return self.limit
         throughput = load / rtt
+        counted = rate or throughput  # completions counted: what trials compare
         trial = self.trial_base
         if trial:  # the last window ran with more slots: did throughput grow with them?
             self.trial_base = 0.0
             grew = load / self.trial_load - 1  # the load the added slots took (relative)
-            paid = grew > 0.05 and throughput / self.trial_rate - 1 >= TRIAL_GAIN * grew
+            paid = grew > 0.05 and counted / self.trial_rate - 1 >= TRIAL_GAIN * grew
             self.backoff = TRIAL_WAIT if paid else min(MAX_TRIAL_WAIT, self.backoff * 2)
             self.wait = 0 if paid else self.backoff
             if paid and rtt > self.min_rtt * self.tolerance:
@@ -345,7 +358,7 @@ class AdaptiveLimit:
                 self.wait -= 1
             else:  # demand waits and the rule does not grow: try more slots for a window
                 self.trial_base = limit
-                self.trial_rate = throughput
+                self.trial_rate = counted
                 self.trial_load = load
                 target = self._clamp(limit + max(1, math.floor(limit * TRIAL_STEP)))
         self.limit = target
@@ -491,7 +504,9 @@ class AdmissionControl:
         span = now - self.window_start
         # Little's law needs the time average of the slots in use; the mean at the
         # samples is biased when responses come in bursts (it sees the burst drain).
-        load = self.area / span if self.window_start and span > 0 else self.load_sum / n
+        timed = self.window_start and span > 0
+        load = self.area / span if timed else self.load_sum / n
+        rate = (n + self.drops) / span if timed else 0.0
         self.area = 0.0
         self.window_start = now
         queued = self.queued_seen or self.queued > 0
@@ -507,10 +522,14 @@ class AdmissionControl:
         a = self.adaptive
         if a is None or n < MIN_SAMPLES:
             return
-        limit = max(1, round(a.update(rtt, load, queued, now, clean)))
-        self.congested = (
-            CONGESTED * a.tolerance * a.min_rtt if a.min_rtt and not a.probing else math.inf
-        )
+        limit = max(1, round(a.update(rtt, load, queued, now, clean, rate)))
+        if a.trial_base:  # a trial: long enough for the added slots to show in completions
+            self.window_end = now + max(self.window, TRIAL_RTTS * rtt)
+            self.congested = math.inf
+        elif a.min_rtt and not a.probing:
+            self.congested = CONGESTED * a.tolerance * a.min_rtt
+        else:
+            self.congested = math.inf
         if limit == self.limit:
             return
         self.limit = limit
@@ -716,7 +735,7 @@ class AdmissionControl:
             while True:
                 admitted = 0
                 while self.queued:
-                    q = self._pick()
+                    q = self._pick(now)
                     if q is None:
                         break  # no slot, or only reserved ones and no class may take them
                     admitted += 1
@@ -739,7 +758,7 @@ class AdmissionControl:
         finally:
             self._dispatching = False
 
-    def _pick(self) -> ClassQueue | None:
+    def _pick(self, now: float) -> ClassQueue | None:
         """The queue whose head takes the next slot, or None: no slot is free (or only
         reserved ones, which the top class takes, or a class owed its weight)."""
         reserved = self.in_use >= self.limit
@@ -753,8 +772,10 @@ class AdmissionControl:
                 wsum += q.weight
                 if top is None:
                     top = q
-                elif q.credit >= BURST and (owed is None or q.credit > owed.credit):
-                    owed = q
+                elif (
+                    q.credit >= BURST or (q.credit >= 1.0 and now - self._head(q).t0 > q.target)
+                ) and (owed is None or q.credit > owed.credit):
+                    owed = q  # (a late head goes as soon as its class earned one dispatch)
         if top is None:
             return None
         chosen = owed or top
