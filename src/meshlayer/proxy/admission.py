@@ -108,7 +108,7 @@ from meshlayer.proxy.errors import MeshError
 log = logging.getLogger("meshlayer.admission")
 
 MIN_SAMPLES = 5  # latency samples a window needs before the limit moves
-MIN_GRADIENT = 0.5  # the limit at most halves per window
+MIN_KEEP = 0.5  # a window keeps at least this share of the limit (at most halves it)
 TRIAL_STEP = 0.25  # an upward trial adds this share of the limit (at least one slot)
 TRIAL_GAIN = 0.5  # ... and pays when throughput grew by half as much as the load did
 TRIAL_RTTS = 3  # a trial window lasts at least this many latencies (and sampleWindow)
@@ -352,7 +352,7 @@ class AdaptiveLimit:
         # at once; the rest of the load waited inside the destination.
         served = min(load, throughput * self.min_rtt)
         target = self._clamp(math.floor(served * self.tolerance + 1e-9))
-        target = max(target, math.floor(limit * MIN_GRADIENT))  # at most halve per window
+        target = max(target, math.floor(limit * MIN_KEEP))  # at most halve per window
         if not trial and target == limit and queued and limit < self.max_limit:
             if self.wait > 0:
                 self.wait -= 1
