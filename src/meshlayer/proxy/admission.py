@@ -28,9 +28,11 @@ minimum, and a limit far off is corrected in a window or a few, not smoothed
 over seconds. While the rule holds the limit and requests wait, every few
 windows an *upward trial* adds ``TRIAL_STEP`` of the limit (at least a slot)
 for one window (at least ``TRIAL_RTTS`` latencies long, never closed early):
-if the completions counted per second grew by at least half as much
-(relatively) as the load did, the destination had room; and if its latency is
-nevertheless above ``tolerance`` x ``min_rtt``, that latency is not queueing
+if throughput (``load / rtt``, Little's law: not a count of completions,
+which windows cut mid-burst) grew by at least half as much (relatively) as
+the load did, the destination had room; and if its latency is
+nevertheless above ``tolerance`` x ``min_rtt`` after ``REBASE_TRIALS``
+trials in a row that paid, that latency is not queueing
 (a slower backend, a sleep) and becomes the no-load baseline, so the rule
 keeps the limit. Otherwise the limit returns and the next trial waits twice
 as long (up to ``MAX_TRIAL_WAIT`` windows). Small limits need trials:
@@ -112,6 +114,7 @@ MIN_KEEP = 0.5  # a window keeps at least this share of the limit (at most halve
 TRIAL_STEP = 0.25  # an upward trial adds this share of the limit (at least one slot)
 TRIAL_GAIN = 0.5  # ... and pays when throughput grew by half as much as the load did
 TRIAL_RTTS = 3  # a trial window lasts at least this many latencies (and sampleWindow)
+REBASE_TRIALS = 2  # paid trials in a row before a high latency becomes the baseline
 TRIAL_WAIT = 2  # binding windows between upward trials while they pay
 MAX_TRIAL_WAIT = 64  # ... doubling after each that did not, up to this many
 IDLE_HEADROOM = 2.0  # while it does not bind, the limit follows this x the load (+1) down
@@ -240,6 +243,7 @@ class AdaptiveLimit:
         "min_limit",
         "min_rtt",
         "next_probe",
+        "paid",
         "probe_interval",
         "probing",
         "rng",
@@ -264,10 +268,11 @@ class AdaptiveLimit:
         self.saved = 0.0  # the limit before a probe
         self.attempts = 0
         self.trial_base = 0.0  # the limit before an upward trial (0: none running)
-        self.trial_rate = 0.0  # the completions per second counted before it
+        self.trial_rate = 0.0  # the throughput (load / rtt) measured before it
         self.trial_load = 0.0  # ... and the load
         self.wait = 0  # binding windows before the next upward trial
         self.backoff = TRIAL_WAIT
+        self.paid = 0  # upward trials in a row that paid
 
     def reconfigure(self, spec: Admission) -> None:
         """New tuning from a reload; the measured baseline and the limit stay (clamped)."""
@@ -290,12 +295,10 @@ class AdaptiveLimit:
         queued: bool,
         now: float,
         clean: bool = True,
-        rate: float = 0.0,
     ) -> float:
         """One window: mean latency ``rtt``, mean requests in use ``load``, whether any
         request queued, whether the window was mostly successes (``clean``: only then may
-        it lower the no-load baseline), the completions per second counted (``rate``; 0:
-        take ``load / rtt``); the new limit."""
+        it lower the no-load baseline); the new limit."""
         if self.probing:
             self.attempts += 1
             if load <= self.min_limit or self.attempts >= PROBE_TRIES:
@@ -336,29 +339,32 @@ class AdaptiveLimit:
             self.limit = self._clamp(min(limit, math.ceil(IDLE_HEADROOM * load) + 1))
             return self.limit
         throughput = load / rtt
-        counted = rate or throughput  # completions counted: what trials compare
         trial = self.trial_base
         if trial:  # the last window ran with more slots: did throughput grow with them?
             self.trial_base = 0.0
             grew = load / self.trial_load - 1  # the load the added slots took (relative)
-            paid = grew > 0.05 and counted / self.trial_rate - 1 >= TRIAL_GAIN * grew
+            paid = grew > 0.05 and throughput / self.trial_rate - 1 >= TRIAL_GAIN * grew
             self.backoff = TRIAL_WAIT if paid else min(MAX_TRIAL_WAIT, self.backoff * 2)
             self.wait = 0 if paid else self.backoff
-            if paid and rtt > self.min_rtt * self.tolerance:
-                # Throughput rose with the load, so the latency is not queueing (a slower
-                # backend, a sleep): it is the no-load latency now.
+            self.paid = self.paid + 1 if paid else 0
+            if self.paid >= REBASE_TRIALS and rtt > self.min_rtt * self.tolerance:
+                # Throughput rose with the load (trial after trial: one can be noise),
+                # so the latency is not queueing (a slower backend, a sleep): it is the
+                # no-load latency now.
                 self.min_rtt = rtt
         # Little's law: at the no-load latency this throughput needs ``served`` requests
         # at once; the rest of the load waited inside the destination.
         served = min(load, throughput * self.min_rtt)
         target = self._clamp(math.floor(served * self.tolerance + 1e-9))
         target = max(target, math.floor(limit * MIN_KEEP))  # at most halve per window
-        if not trial and target == limit and queued and limit < self.max_limit:
+        if trial and self.paid:
+            target = max(target, limit)  # a trial that paid keeps its slots
+        elif target == limit and queued and limit < self.max_limit:
             if self.wait > 0:
                 self.wait -= 1
             else:  # demand waits and the rule does not grow: try more slots for a window
                 self.trial_base = limit
-                self.trial_rate = counted
+                self.trial_rate = throughput
                 self.trial_load = load
                 target = self._clamp(limit + max(1, math.floor(limit * TRIAL_STEP)))
         self.limit = target
@@ -504,9 +510,7 @@ class AdmissionControl:
         span = now - self.window_start
         # Little's law needs the time average of the slots in use; the mean at the
         # samples is biased when responses come in bursts (it sees the burst drain).
-        timed = self.window_start and span > 0
-        load = self.area / span if timed else self.load_sum / n
-        rate = (n + self.drops) / span if timed else 0.0
+        load = self.area / span if self.window_start and span > 0 else self.load_sum / n
         self.area = 0.0
         self.window_start = now
         queued = self.queued_seen or self.queued > 0
@@ -522,7 +526,7 @@ class AdmissionControl:
         a = self.adaptive
         if a is None or n < MIN_SAMPLES:
             return
-        limit = max(1, round(a.update(rtt, load, queued, now, clean, rate)))
+        limit = max(1, round(a.update(rtt, load, queued, now, clean)))
         if a.trial_base:  # a trial: long enough for the added slots to show in completions
             self.window_end = now + max(self.window, TRIAL_RTTS * rtt)
             self.congested = math.inf
