@@ -408,6 +408,20 @@ def _load(sc: Sidecar, port: int, clients: int, seconds: float) -> tuple[list[in
     return seen, lowest
 
 
+def _warmed(
+    cluster: Cluster, inbound: str, cls: str, n: int, *app: str
+) -> tuple[Upstream, Sidecar]:
+    """The test upstream (``app`` flags) behind a sidecar with ``inbound`` admission, after
+    ``n`` sequential ``cls`` requests: the no-load latency is measured."""
+    up = upstream_with(cluster, "web", *app)
+    sc = cluster.sidecar(mesh(up, inbound=inbound, target="5s"), service="web", app=up.address)
+    warm = Client(sc.inbound, cls)
+    for _ in range(n):
+        assert warm.get("/")[0] == 200
+    warm.close()
+    return up, sc
+
+
 @pytest.mark.slow
 def test_adaptive_limit_follows_contention_in_the_app(cluster: Cluster) -> None:
     """An app with 4 workers at 10 ms each: 16 clients crowd it, latency grows with
@@ -429,13 +443,8 @@ def test_adaptive_limit_stays_when_latency_rises_without_contention(cluster: Clu
     The limit had followed the light load down (to 3), so at first it reads the latency
     as queueing and binds; an upward trial shows throughput growing with the slots, the
     80 ms become the no-load latency, and the limit climbs past the 8 clients."""
-    up = upstream_with(cluster, "web", "--delay-ms", "10")
     inbound = "{concurrency: adaptive, initialLimit: 20, minLimit: 2, sampleWindow: 50ms}"
-    sc = cluster.sidecar(mesh(up, inbound=inbound, target="5s"), service="web", app=up.address)
-    warm = Client(sc.inbound, "critical")
-    for _ in range(10):  # the no-load latency is measured
-        assert warm.get("/")[0] == 200
-    warm.close()
+    up, sc = _warmed(cluster, inbound, "critical", 10, "--delay-ms", "10")
     request(up.port, path="/set-delay/80")
     seen, lowest = _load(sc, sc.inbound, 8, 3.0)
     assert lowest >= 9, lowest  # the 8 clients are not throttled in the second half
@@ -448,13 +457,8 @@ def test_a_critical_request_waits_only_for_the_work_in_service(cluster: Cluster)
     limit comes down to the app's concurrency (1, with one-window trials at 2) and the
     critical client's requests take the reserved slot, so each waits for at most the
     request in service — not for a queue of batch requests inside the app."""
-    up = upstream_with(cluster, "web", "--delay-ms", "20", "--workers", "1")
     inbound = "{concurrency: adaptive, sampleWindow: 50ms}"
-    sc = cluster.sidecar(mesh(up, inbound=inbound, target="5s"), service="web", app=up.address)
-    warm = Client(sc.inbound, "batch")
-    for _ in range(5):  # the no-load latency is measured
-        assert warm.get("/")[0] == 200
-    warm.close()
+    _, sc = _warmed(cluster, inbound, "batch", 5, "--delay-ms", "20", "--workers", "1")
     stop = threading.Event()
     crit: list[tuple[int, float]] = []
 
