@@ -736,3 +736,47 @@ def test_priority_off_never_takes_the_reserve() -> None:
     ws = [W(t.fallback, 0.0) for _ in range(3)]
     assert [enter(adm, w, 0.0) for w in ws] == [None] * 3
     assert ws[2].admitted_at is None and adm.in_use == 2
+
+
+def test_lower_classes_never_fill_the_reserve_among_themselves() -> None:
+    """``default`` and ``batch`` backlogged, no critical: however owed and late ``batch``
+    gets, the slots above the limit stay free for the top class."""
+    adm = adaptive(initial_limit=8, min_limit=1)
+    t = table(default=0.1, batch=0.1)
+    default, batch, crit = (t.by_name[n] for n in ("default", "batch", "critical"))
+    assert (adm.limit, adm.reserve) == (8, 2)
+    now = 0.0
+    for i in range(8):
+        enter(adm, W(default if i % 2 else batch, now), now)
+    for _ in range(400):  # a backlog of both that lasts, heads growing late
+        now += 0.01
+        for cls in (default, batch):
+            adm.arrive(W(cls, now - 0.5), cls, now)
+        adm.release(now)
+        assert adm.in_use <= adm.limit
+    first = W(crit, now)
+    assert enter(adm, first, now) is None and first.admitted_at == now
+
+
+def test_an_idle_gap_decays_the_limit_at_most_by_half_per_window() -> None:
+    adm = adaptive(initial_limit=20, min_limit=1)
+    now = run_windows(adm, 0.010, load=15, windows=5, now=0.0)
+    before = adm.limit
+    adm.in_use = 1
+    adm.sample(0.010, now + 5.0)  # after 5 s idle: this window's time-averaged load is tiny
+    assert adm.window_start == now + 5.0  # (the window closed)
+    assert adm.limit == before // 2
+
+
+def test_would_wait_follows_enter() -> None:
+    adm = adaptive(initial_limit=1, min_limit=1)
+    t = table(batch=60, critical=60)
+    crit, batch = t.by_name["critical"], t.by_name["batch"]
+    assert not adm.would_wait(batch)
+    enter(adm, W(batch, 0.0), 0.0)
+    enter(adm, W(batch, 0.0), 0.0)  # queued
+    assert adm.would_wait(batch)
+    assert not adm.would_wait(crit)  # a reserved slot is free
+    for _ in range(2):
+        enter(adm, W(crit, 0.0), 0.0)
+    assert adm.would_wait(crit)

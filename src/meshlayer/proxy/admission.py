@@ -9,8 +9,10 @@ a queued request is a ``Waiter`` that is told ``admitted(now)`` or
 ``shed(err)``.
 
 *Fast path* (``enter``): ``in_use < limit and not queued``: take a slot
-(``in_use += 1``, stamp ``last_done``) and go on (no callback). Everything else here runs only
-when requests have to wait.
+(count the slot-seconds, ``in_use += 1``, stamp ``last_done``) and go on (no
+callback); a top-class request also goes straight into a free reserved slot
+when none of its class waits. Everything else here runs only when requests
+have to wait.
 
 *Limit.* Fixed, or adaptive (``AdaptiveLimit``). Each request reports its
 latency from admission to response head (``sample``; a 5xx or a peer's shed
@@ -51,8 +53,9 @@ a queue the probe waits (pinning then is a latency spike).
 
 *Reserve* (trunk reservation, as telephone exchanges keep trunks for
 priority calls): above an adaptive limit, ``reserve_for(limit)`` more slots
-(a quarter of it, at least one) are open to the top-ranked class only (and to
-a class owed its weight). The limit keeps lower classes at about what the
+(a quarter of it, at least two) are open to the top-ranked class only (and,
+while top-class requests wait, to a class owed its weight beside them, so
+that a top-class flood cannot starve it). The limit keeps lower classes at about what the
 destination serves at once, so when a top-class request comes, a slot is
 free: it waits for no lower-class request queued inside the app, only for
 the work in service. A fixed limit has no reserve: it is the number given.
@@ -115,8 +118,8 @@ TRIAL_STEP = 0.25  # an upward trial adds this share of the limit (at least one 
 TRIAL_GAIN = 0.5  # ... and pays when throughput grew by half as much as the load did
 TRIAL_RTTS = 3  # a trial window lasts at least this many latencies (and sampleWindow)
 REBASE_TRIALS = 2  # paid trials in a row before a high latency becomes the baseline
-TRIAL_WAIT = 2  # binding windows between upward trials while they pay
-MAX_TRIAL_WAIT = 64  # ... doubling after each that did not, up to this many
+TRIAL_WAIT = 2  # binding windows before the next trial after one that did not pay
+MAX_TRIAL_WAIT = 64  # ... doubling after each further one, up to this many
 IDLE_HEADROOM = 2.0  # while it does not bind, the limit follows this x the load (+1) down
 CONGESTED = 2.0  # a window whose mean latency is this x tolerance x no-load closes early
 RESERVE_SHARE = 0.25  # adaptive: the top class may exceed the limit by this share of it
@@ -322,6 +325,7 @@ class AdaptiveLimit:
                 self.attempts = 0
                 self.saved = self.limit
                 self.trial_base = 0.0
+                self.paid = 0
                 self.limit = float(self.min_limit)
                 return self.limit
         elif clean:
@@ -336,7 +340,9 @@ class AdaptiveLimit:
             # it into the destination before one sample came back. It follows the load
             # down, staying loose enough not to bind.
             self.trial_base = 0.0
-            self.limit = self._clamp(min(limit, math.ceil(IDLE_HEADROOM * load) + 1))
+            self.paid = 0
+            floor = max(math.ceil(IDLE_HEADROOM * load) + 1, math.floor(limit * MIN_KEEP))
+            self.limit = self._clamp(min(limit, floor))  # at most halving per window
             return self.limit
         throughput = load / rtt
         trial = self.trial_base
@@ -344,8 +350,12 @@ class AdaptiveLimit:
             self.trial_base = 0.0
             grew = load / self.trial_load - 1  # the load the added slots took (relative)
             paid = grew > 0.05 and throughput / self.trial_rate - 1 >= TRIAL_GAIN * grew
-            self.backoff = TRIAL_WAIT if paid else min(MAX_TRIAL_WAIT, self.backoff * 2)
-            self.wait = 0 if paid else self.backoff
+            if paid:
+                self.backoff = TRIAL_WAIT
+                self.wait = 0  # climb on while it pays
+            else:
+                self.wait = self.backoff
+                self.backoff = min(MAX_TRIAL_WAIT, self.backoff * 2)
             self.paid = self.paid + 1 if paid else 0
             if self.paid >= REBASE_TRIALS and rtt > self.min_rtt * self.tolerance:
                 # Throughput rose with the load (trial after trial: one can be noise),
@@ -534,10 +544,11 @@ class AdmissionControl:
             self.congested = CONGESTED * a.tolerance * a.min_rtt
         else:
             self.congested = math.inf
-        if limit == self.limit:
+        reserve = 0 if a.probing else reserve_for(limit)  # a probe measures at minLimit
+        if limit == self.limit and reserve == self.reserve:
             return
         self.limit = limit
-        self.reserve = reserve_for(limit)
+        self.reserve = reserve
         if abs(limit - self._logged_limit) >= LOG_CHANGE * self._logged_limit:
             log.info(
                 "%s %s: concurrency limit %d -> %d (latency %.1fms, no-load %.1fms%s)",
@@ -588,6 +599,15 @@ class AdmissionControl:
                 self.in_use += 1
                 return True
         return self.arrive(waiter, cls, now) or False
+
+    def would_wait(self, cls: PriorityLike) -> bool:
+        """Whether a ``cls`` request arriving now would queue (``enter``'s conditions)."""
+        if self.in_use < self.limit and not self.queued:
+            return False
+        if cls.top and self.in_use < self.limit + self.reserve:
+            q = self.queues.get(cls.name)
+            return q is not None and q.count > 0
+        return True
 
     def arrive(self, waiter: Waiter, cls: PriorityLike, now: float) -> MeshError | None:
         """A request that found no free slot (or others waiting): queue it, or the shed error.
@@ -764,7 +784,8 @@ class AdmissionControl:
 
     def _pick(self, now: float) -> ClassQueue | None:
         """The queue whose head takes the next slot, or None: no slot is free (or only
-        reserved ones, which the top class takes, or a class owed its weight)."""
+        reserved ones: the top class takes them, or, while it waits, a class owed its
+        weight)."""
         reserved = self.in_use >= self.limit
         if reserved and self.in_use >= self.limit + self.reserve:
             return None
@@ -783,8 +804,8 @@ class AdmissionControl:
         if top is None:
             return None
         chosen = owed or top
-        if reserved and owed is None and not top.top:
-            return None
+        if reserved and not top.top:
+            return None  # the reserve is for the top class (and those owed beside it)
         for q in self.order:
             if q.count:
                 q.credit = min(MAX_CREDIT, q.credit + q.weight / wsum)

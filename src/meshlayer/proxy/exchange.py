@@ -229,7 +229,7 @@ class Exchange:
             down.set_deadline(STREAM, timeouts.idle, now)
         if adm is not None:  # the destination's concurrency limit (None: unlimited)
             self.adm = adm
-            if down.eof and (adm.in_use >= adm.limit or adm.queued):
+            if down.eof and adm.would_wait(prio):
                 self.adm = None  # the client half-closed before its turn: abandoned
                 self._client_gone()
                 return
