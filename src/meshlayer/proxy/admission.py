@@ -402,7 +402,6 @@ class AdmissionControl:
         "in_use",
         "last_done",
         "limit",
-        "load_sum",
         "order",
         "queued",
         "queued_seen",
@@ -446,7 +445,6 @@ class AdmissionControl:
         self.rtt_sum = 0.0
         self.rtt_n = 0
         self.drops = 0
-        self.load_sum = 0
         self.queued_seen = False
         self.service_time = 0.0
         """Mean latency from admission to response head (seconds; 0: not measured yet)."""
@@ -505,7 +503,6 @@ class AdmissionControl:
             return
         self.rtt_sum += rtt
         self.rtt_n += 1
-        self.load_sum += self.in_use
         self.area += self.in_use * (now - self.t_area)
         self.t_area = now
         if now >= self.window_end:
@@ -520,7 +517,8 @@ class AdmissionControl:
         span = now - self.window_start
         # Little's law needs the time average of the slots in use; the mean at the
         # samples is biased when responses come in bursts (it sees the burst drain).
-        load = self.area / span if self.window_start and span > 0 else self.load_sum / n
+        # (The first window, from 0, has one sample and moves no limit.)
+        load = self.area / span if span > 0 else float(self.in_use)
         self.area = 0.0
         self.window_start = now
         queued = self.queued_seen or self.queued > 0
@@ -528,7 +526,6 @@ class AdmissionControl:
         self.rtt_sum = 0.0
         self.rtt_n = 0
         self.drops = 0
-        self.load_sum = 0
         self.queued_seen = False
         self.window_end = now + self.window
         st = self.service_time
