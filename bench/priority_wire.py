@@ -95,7 +95,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1074,26 +1074,22 @@ class Worker:
             lines.append(f"Content-Length: {length}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
-    async def bulk(self, stop: asyncio.Event) -> None:
-        head = self.head("POST", "/upload", "batch", UPLOAD_BYTES)
-        chunk = b"b" * CHUNK
+    async def _bulk_loop(
+        self,
+        stop: asyncio.Event,
+        one: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[int]],
+    ) -> None:
+        """Batch-class requests by ``one`` (its status) on one keep-alive connection
+        after another until ``stop``; a non-200 or a broken connection counts as a bulk
+        error and pauses a little."""
         while not stop.is_set():
             writer = None
             try:
                 reader, writer = await self.connect("batch")
                 while not stop.is_set():
-                    writer.write(head)
-                    left = UPLOAD_BYTES
-                    while left > 0:
-                        piece = chunk if left >= CHUNK else chunk[:left]
-                        writer.write(piece)
-                        left -= len(piece)
-                        await writer.drain()
-                    status = await read_response(reader)
-                    if status != 200:
+                    if await one(reader, writer) != 200:
                         self.bulk_errors += 1
                         await asyncio.sleep(0.05)
-                    self.uploads += 1
             except (OSError, asyncio.IncompleteReadError, ValueError):
                 self.bulk_errors += 1
                 await asyncio.sleep(0.1)
@@ -1101,33 +1097,42 @@ class Worker:
                 if writer is not None:
                     writer.close()
 
+    async def bulk(self, stop: asyncio.Event) -> None:
+        head = self.head("POST", "/upload", "batch", UPLOAD_BYTES)
+        chunk = b"b" * CHUNK
+
+        async def upload(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+            writer.write(head)
+            left = UPLOAD_BYTES
+            while left > 0:
+                piece = chunk if left >= CHUNK else chunk[:left]
+                writer.write(piece)
+                left -= len(piece)
+                await writer.drain()
+            status = await read_response(reader)
+            self.uploads += 1
+            return status
+
+        await self._bulk_loop(stop, upload)
+
     async def download(self, stop: asyncio.Event) -> None:
         head = self.head("GET", "/download", "batch", None)
-        while not stop.is_set():
-            writer = None
-            try:
-                reader, writer = await self.connect("batch")
-                while not stop.is_set():
-                    writer.write(head)
-                    status, left = await read_head(reader)
-                    while left > 0:
-                        piece = await reader.read(min(left, CHUNK))
-                        if not piece:
-                            raise asyncio.IncompleteReadError(b"", left)
-                        left -= len(piece)
-                        now = time.monotonic()
-                        if self.t0 <= now <= self.t1:
-                            self.down_bytes += len(piece)
-                    if status != 200:
-                        self.bulk_errors += 1
-                        await asyncio.sleep(0.05)
-                    self.downloads += 1
-            except (OSError, asyncio.IncompleteReadError, ValueError):
-                self.bulk_errors += 1
-                await asyncio.sleep(0.1)
-            finally:
-                if writer is not None:
-                    writer.close()
+
+        async def download(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+            writer.write(head)
+            status, left = await read_head(reader)
+            while left > 0:
+                piece = await reader.read(min(left, CHUNK))
+                if not piece:
+                    raise asyncio.IncompleteReadError(b"", left)
+                left -= len(piece)
+                now = time.monotonic()
+                if self.t0 <= now <= self.t1:
+                    self.down_bytes += len(piece)
+            self.downloads += 1
+            return status
+
+        await self._bulk_loop(stop, download)
 
     async def call(self, intended: float, record: bool) -> None:
         conn = None
