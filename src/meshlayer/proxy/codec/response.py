@@ -362,15 +362,21 @@ class ResponseParser:
             self._finish(keep_alive, None)
             self._parser = self._new_parser()
 
+    def _final(self, status: int) -> bool:
+        """Whether the response that just ended, with ``status``, is the final one: an
+        interim 1xx is not (the final one follows); nor is a 101, after which the
+        connection is a tunnel (done, nothing more to parse)."""
+        if 100 <= status < 200:
+            if status == 101:
+                self._expecting = False
+                self.done = True
+            return False
+        return True
+
     def _field_end(self) -> None:
         if not self._expecting:
             return  # a response to HEAD, already ended in _field_head
-        status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            return  # an interim response: the final one follows
-        if status == 101:
-            self._expecting = False
-            self.done = True
+        if not self._final(self._parser.get_status_code()):
             return
         trailers = self._trailers
         self._trailers = None
@@ -475,12 +481,7 @@ class ResponseParser:
             self._left = 0
         elif state == _CHUNKED:
             trailers = self._end_chunks()
-        status = self._status
-        if 100 <= status < 200 and status != 101:
-            return  # an interim response: the final one follows
-        if status == 101:
-            self._expecting = False
-            self.done = True
+        if not self._final(self._status):
             return
         self._finish(self._keep_alive, trailers)
 
