@@ -220,7 +220,8 @@ def test_supplied_root_is_stored_and_checked(tmp_path: Path) -> None:
 def test_join_tokens_are_reusable_or_single_use_hashed_and_expire(tmp_path: Path) -> None:
     async def body(store: SqliteStore) -> None:
         token, expires = await create_join_token(store, "catalog", 60)
-        assert len(token) >= 43 and expires > time.time() + 50
+        # never read as an option on a command line (`--token -x...` was a usage error)
+        assert token.startswith("mlj_") and len(token) >= 4 + 43 and expires > time.time() + 50
         assert (await peek_join_token(store, token)).service == "catalog"
         for _ in range(3):  # reusable until it expires, for its one service
             assert (await redeem_join_token(store, token)).service == "catalog"
@@ -250,6 +251,7 @@ def test_admin_token_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     state = state_dir_for(f"sqlite:{tmp_path / 'st' / 'c.db'}")
     assert state == tmp_path / "st"
     token, path = load_admin_token(state)
+    assert token.startswith("mla_")
     assert path == state / "admin-token" and path.stat().st_mode & 0o777 == 0o600
     assert load_admin_token(state) == (token, path)  # kept across restarts
     monkeypatch.setenv("MESHLAYER_ADMIN_TOKEN", "from-env")

@@ -86,11 +86,18 @@ def _blob(token: str) -> str:
     return f"token/{token_hash(token)}"
 
 
+def new_token(kind: str) -> str:
+    """A fresh secret: ``ml<kind>_`` and 256 random bits, URL-safe. The prefix names
+    what it is (for people and secret scanners) and keeps a token from starting with
+    ``-``, which a command line would read as an option (``--token -x...``)."""
+    return f"ml{kind}_{secrets.token_urlsafe(32)}"
+
+
 async def create_join_token(
     store: Store, service: str, ttl: float = DEFAULT_TOKEN_TTL, single_use: bool = False
 ) -> tuple[str, float]:
     """A new token for ``service``; (token, expiry as unix time)."""
-    token = secrets.token_urlsafe(32)
+    token = new_token("j")
     expires = time.time() + ttl
     rec = JoinToken(service, expires, single_use=single_use)
     if not await store.put_blob(_blob(token), rec.to_bytes(), None):
@@ -153,7 +160,7 @@ def load_admin_token(state_dir: Path) -> tuple[str, Path | None]:
     except FileNotFoundError:
         pass
     state_dir.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
+    token = new_token("a")
     tmp = path.with_name(f".{ADMIN_FILE}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
