@@ -3,18 +3,42 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+NATIVE  := $(VENV)/.compiled
+SOURCES := $(shell find src/meshlayer -name '*.py')
+# PURE=1: run the sources as they are, nothing compiled (the extensions are removed).
+PURE    ?=
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench clean build
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml
+# Dependencies first, as a pure install: mypyc type-checks against them.
+$(STAMP): $(BIN)/python pyproject.toml setup.py
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	rm -f $(NATIVE)
 	touch $(STAMP)
 
-demo: $(STAMP) rabbitmq-server
+# The proxy's hot path compiled with mypyc (setup.py lists the modules), again whenever
+# a source changes: the extensions shadow the .py files, so a stale one would be what runs.
+$(NATIVE): $(STAMP) $(SOURCES)
+	@echo "meshlayer: compiling the proxy's hot path with mypyc (about a minute)"
+	MESHLAYER_MYPYC=1 $(BIN)/python -m pip install -q --no-deps -e .
+	@$(BIN)/python -c "import sys, meshlayer.proxy.exchange as m; \
+	  sys.exit(0 if m.__file__.endswith('.so') else \
+	  'meshlayer: the mypyc build fell back to pure Python (see: MESHLAYER_MYPYC=1 ' \
+	  '.venv/bin/pip install -v --no-deps -e .); make PURE=1 runs without it')"
+	touch $(NATIVE)
+
+ifeq ($(PURE),)
+build: $(NATIVE)
+else
+build: $(STAMP)
+	@[ ! -e $(NATIVE) ] || { $(BIN)/python -m pip install -q --no-deps -e . && rm -f $(NATIVE); }
+endif
+
+demo: build rabbitmq-server
 	$(BIN)/meshlayer demo
 
 lint: $(STAMP)
@@ -22,11 +46,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-test: lint etcd-server rabbitmq-server
+test: lint build etcd-server rabbitmq-server
 	$(BIN)/pytest -q
 
 # Local shortcut: skip the slow end-to-end tests (CI runs everything).
-test-fast: lint
+test-fast: lint build
 	$(BIN)/pytest -q -m 'not slow'
 
 # The etcd store's tests run a real etcd: Debian's etcd-server, installed when `etcd` is
@@ -65,12 +89,12 @@ rabbitmq-server:
 	    case "$$before" in *" $$pid "*) ;; *) $$sudo kill "$$pid" || true;; esac; done; \
 	  exit $$rc; }
 
-bench: $(STAMP)
+bench: build
 	$(BIN)/python bench/overhead.py
 
 # Issue 5's proof: priority vs FIFO vs nginx past saturation (~7 min; add ARGS=--quick).
 .PHONY: bench-priority
-bench-priority: $(STAMP)
+bench-priority: build
 	$(BIN)/python bench/priority.py $(ARGS)
 
 clean:

@@ -5,8 +5,11 @@ compile the modules below with mypyc (C extensions next to the .py files, which 
 in the package). Without it, or when mypyc or a C compiler is missing, or when any
 module fails to build, the package is the pure-Python one, unchanged. Editable
 installs (``pip install -e .``) put the extensions in ``src/``, where they shadow
-the .py files: edit, then reinstall, or the edits are not what runs. Hence off by
-default, so ``make test`` tests the sources as they are.
+the .py files: edit, then reinstall, or the edits are not what runs. ``make``
+(demo, test, bench) does that for you: it compiles after installing the
+dependencies (mypyc type-checks against them) and again whenever a source
+changes, and stops if the build fell back to pure Python; ``make PURE=1 ...``
+runs the sources without compiling.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ HOT = [
     "metrics.py",
     "errors.py",
     "admission.py",
+    "classes.py",
+    "classify.py",
+    "sidecar.py",
+    "gateway.py",
     # subclasses server.DownstreamConnection: interpreted classes cannot inherit
     # from compiled ones, so it is compiled with them
     "acceptor.py",
@@ -92,7 +99,8 @@ def ext_modules() -> list[Any]:
 
 
 def remove_stale() -> None:
-    """A pure build after a compiled one: the old extensions would shadow the sources."""
+    """Old extensions go before any build: in a pure build they would shadow the sources,
+    in a compiled one an old group's shared library would linger."""
     proxy = Path("src", "meshlayer", "proxy")
     for p in HOT:
         for so in (proxy / p).parent.glob(Path(p).stem + ".*.so"):
@@ -101,8 +109,7 @@ def remove_stale() -> None:
         so.unlink()
 
 
-if not COMPILE:
-    remove_stale()
+remove_stale()
 
 setup(
     ext_modules=ext_modules(),

@@ -1,7 +1,7 @@
 """The sidecar's request path in-process, without sockets: Python cost per request.
 
-A real ``Listener``, ``DownstreamConnection``, ``Exchange`` and
-``UpstreamConnection`` (the sidecar's own classes) are wired to fake
+The outbound ``Listener`` of a real ``Sidecar`` (not started), its
+``DownstreamConnection``, ``Exchange`` and ``UpstreamConnection`` are wired to fake
 transports that only record what is written, then one request is fed in and
 one response fed back, N times. What is left is exactly the Python work the
 sidecar does per request (parse, route, balance, pool, re-frame, observe),
@@ -28,10 +28,7 @@ import time
 from typing import Any
 
 from meshlayer.config import load_documents
-from meshlayer.proxy.exchange import Exchange
-from meshlayer.proxy.metrics import Metrics
-from meshlayer.proxy.runtime import Router, ServiceRuntime
-from meshlayer.proxy.server import Listener
+from meshlayer.proxy.sidecar import Sidecar, SidecarOptions
 from meshlayer.proxy.upstream import UpstreamConnection
 
 CONFIG = """
@@ -82,22 +79,11 @@ class FakeTransport:
 async def main(n: int, outbound: str = "") -> None:
     """``outbound``: the service's ``spec.outbound`` (e.g. ``{concurrency: 64}``)."""
     config = load_documents(CONFIG + (f"  outbound: {outbound}\n" if outbound else ""), "bench")
-    router = Router(config)
-    metrics = Metrics()
-
-    def route(ex: Exchange) -> ServiceRuntime:
-        return router.resolve(ex.authority or ex.head.host or b"")
-
-    listener = Listener(
-        "outbound",
-        sidecar="bench",
-        metrics=metrics,
-        route=route,
-        source_label=lambda _v: "bench",
-        destination_label=lambda ex: ex.service.name if ex.service else "unknown",
-        header_timeout=10,
-        idle_timeout=60,
-    )
+    # The sidecar's own outbound listener, wired as `meshlayer sidecar` wires it.
+    addr = ("127.0.0.1", 9)
+    sidecar = Sidecar(SidecarOptions("bench", addr, addr, addr, addr), config)
+    listener = sidecar.outbound
+    router = sidecar.router
     rt = router.services["web"]
     state = rt.balancer.states[0]
     pool = rt.pools[listener.classes.get("default").index]  # type: ignore[union-attr]

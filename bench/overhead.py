@@ -5,7 +5,10 @@ What is compared, in one run, against the same upstream:
 
 * ``direct``    -- the load generator talks to the upstream itself (the baseline);
 * ``meshlayer`` -- through one meshlayer sidecar: its outbound listener, routing by
-  ``Host: upstream`` to a ``meshed: false`` endpoint;
+  ``Host: upstream`` to a ``meshed: false`` endpoint; the build installed (``make``
+  compiles the hot path with mypyc; the header says which build ran);
+* ``meshlayer-pure`` -- the same sidecar from a copy of the sources without the
+  compiled extensions: what plain CPython makes of the same code;
 * ``minimal``   -- bench/minimal_forwarder.py: a uvloop + httptools keep-alive
   forwarder with no features, the floor of a Python proxy on this machine (what
   meshlayer costs beyond it is the price of its features);
@@ -86,7 +89,16 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LOADGEN_SRC = HERE / "loadgen.c"
 
-ALL_TARGETS = ("direct", "meshlayer", "minimal", "nginx", "haproxy", "mesh-mtls", "nginx-tls")
+ALL_TARGETS = (
+    "direct",
+    "meshlayer",
+    "meshlayer-pure",
+    "minimal",
+    "nginx",
+    "haproxy",
+    "mesh-mtls",
+    "nginx-tls",
+)
 # two proxies and one mTLS hop between them: bench/mtls_targets.py
 MTLS_TARGETS = ("mesh-mtls", "nginx-tls")
 MINIMAL_FORWARDER = HERE / "minimal_forwarder.py"
@@ -457,6 +469,28 @@ def start_upstream(env: Env) -> Proc:
     return proc
 
 
+def pure_copy(env: Env) -> Path:
+    """A copy of the package without its compiled extensions (made once per run), to
+    put first on PYTHONPATH: the sidecar then runs every module from source."""
+    root = env.workdir / "pure"
+    if not root.exists():
+        assert env.python is not None
+        probe = "import meshlayer; print(meshlayer.__file__)"
+        out = subprocess.run([env.python, "-c", probe], capture_output=True, text=True, check=True)
+        src = Path(out.stdout.strip()).parent
+        shutil.copytree(src, root / src.name, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    return root
+
+
+def build_of(python: str) -> str:
+    """Which build of meshlayer ``python`` imports: compiled (mypyc) or pure."""
+    probe = "import meshlayer.proxy.exchange as m; print(m.__file__)"
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+    if out.returncode != 0:
+        return "not importable"
+    return "compiled (mypyc)" if out.stdout.strip().endswith(".so") else "pure Python"
+
+
 def start_target(env: Env, target: str) -> Running:
     if target == "direct":
         return Running(target, env.upstream_port, None)
@@ -473,13 +507,14 @@ def start_target(env: Env, target: str) -> Running:
         cfg.write_text(HAPROXY_CFG.format(port=port, upstream=env.upstream_port))
         cmd = [env.tools["haproxy"], "-db", "-f", str(cfg)]
         proc = spawn("haproxy", env.pin(env.proxy_cpu, cmd), env.workdir)
-    elif target == "meshlayer":
+    elif target in ("meshlayer", "meshlayer-pure"):
         assert env.python is not None
         cfg = env.workdir / "meshlayer.yaml"
         cfg.write_text(MESHLAYER_CFG.format(service=SERVICE_HOST, upstream=env.upstream_port))
         admin = free_port()
+        prefix = [] if target == "meshlayer" else ["env", f"PYTHONPATH={pure_copy(env)}"]
         cmd = [
-            env.python, "-m", "meshlayer", "sidecar",
+            *prefix, env.python, "-m", "meshlayer", "sidecar",
             "--service", "bench",
             "--app", f"127.0.0.1:{free_port()}",
             "--inbound", f"127.0.0.1:{free_port()}",
@@ -489,7 +524,7 @@ def start_target(env: Env, target: str) -> Running:
             "--grace", "1",
             "--log-level", "warning",
         ]  # fmt: skip
-        proc = spawn("meshlayer", env.pin(env.proxy_cpu, cmd), env.workdir)
+        proc = spawn(target, env.pin(env.proxy_cpu, cmd), env.workdir)
         wait_http_200(proc, admin, "localhost", "/ready")
     elif target == "minimal":
         assert env.python is not None
@@ -940,6 +975,13 @@ def targets_check(summary: dict[str, Any]) -> list[str]:
             rn = ratio(mn["rps"], summary["nginx"]["rps"])
             parts.append("n/a" if rn is None else f"minimal itself {rn:.2f}x nginx req/s")
         lines.append("  info  meshlayer vs the minimal Python forwarder: " + ", ".join(parts))
+    if "meshlayer-pure" in summary:
+        pu = summary["meshlayer-pure"]
+        parts = [f"{pu['cpu_us_per_req'].median:.1f} CPU µs/req" if pu["cpu_us_per_req"] else "n/a"]
+        if "nginx" in summary:
+            rn = ratio(pu["rps"], summary["nginx"]["rps"])
+            parts.append("n/a" if rn is None else f"{rn:.2f}x nginx req/s")
+        lines.append("  info  meshlayer from source, nothing compiled: " + ", ".join(parts))
     idle = ml["idle_rss_mib"]
     ok = None if idle is None else idle.median < TARGET_IDLE_RSS_MIB
     shown = "n/a" if idle is None else f"{idle.median:.1f} MiB"
@@ -1012,7 +1054,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     tools = ensure_tools()
     targets: list[str] = args.targets
-    pythonic = {"meshlayer", "minimal", "mesh-mtls"}
+    pythonic = {"meshlayer", "meshlayer-pure", "minimal", "mesh-mtls"}
     python = meshlayer_python() if pythonic & set(targets) else None
     if pythonic & set(targets) and python is None:
         log("meshlayer is not importable (pip install -e .): skipping meshlayer and minimal")
@@ -1058,6 +1100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"meshlayer overhead benchmark — {args.rounds} round(s), {args.duration:g} s each, "
         f"proxy on CPU {args.proxy_cpu}, upstream + load on CPU {args.load_cpu}"
+        + (f"; meshlayer build: {build_of(python)}" if python is not None else "")
     )
     print(report(summary, targets, args.rounds, contended(samples)))
     if "meshlayer" not in targets:

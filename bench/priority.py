@@ -103,6 +103,7 @@ from overhead import (
     CLK_TCK,
     NGINX_COMMON,
     Proc,
+    build_of,
     cpu_ticks,
     free_port,
     install_tools,
@@ -953,7 +954,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"meshlayer priority benchmark — {started}, {elapsed / 60:.1f} min; app {args.cost_ms:g} "
         f"ms CPU/request, concurrency 1; services + proxies on CPU {args.svc_cpu}, load on CPU "
         f"{args.load_cpu}; {args.duration:g} s per run, client timeout {args.timeout:g} s, "
-        f"{args.conns} connections; sidecars' inbound concurrency {args.inbound_concurrency}"
+        f"{args.conns} connections; sidecars' inbound concurrency {args.inbound_concurrency}; "
+        f"meshlayer build: {build_of(python)}"
     )
     print(report)
     if can_plot and results.get("main"):

@@ -20,7 +20,7 @@ def test_host_and_absolute_form_reach_the_service(cluster: Cluster) -> None:
     assert names["host"] == "catalog"
     assert names["x-forwarded-for"] == "127.0.0.1"
     assert names["x-forwarded-proto"] == "http"
-    assert len(names["x-request-id"]) == 32
+    assert names["x-request-id"]  # generated (its form: test_http11)
 
 
 def test_unknown_service_is_a_mesh_404(cluster: Cluster) -> None:

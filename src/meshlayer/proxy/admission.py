@@ -105,34 +105,48 @@ import math
 import random
 from collections import deque
 from collections.abc import Collection, Iterator, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from meshlayer.config.model import Admission
 from meshlayer.proxy.errors import MeshError
 
 log = logging.getLogger("meshlayer.admission")
 
-MIN_SAMPLES = 5  # latency samples a window needs before the limit moves
-MIN_KEEP = 0.5  # a window keeps at least this share of the limit (at most halves it)
-TRIAL_STEP = 0.25  # an upward trial adds this share of the limit (at least one slot)
-TRIAL_GAIN = 0.5  # ... and pays when throughput grew by half as much as the load did
-TRIAL_RTTS = 3  # a trial window lasts at least this many latencies (and sampleWindow)
-REBASE_TRIALS = 2  # paid trials in a row before a high latency becomes the baseline
-TRIAL_WAIT = 2  # binding windows before the next trial after one that did not pay
-MAX_TRIAL_WAIT = 64  # ... doubling after each further one, up to this many
-IDLE_HEADROOM = 2.0  # while it does not bind, the limit follows this x the load (+1) down
-CONGESTED = 2.0  # a window whose mean latency is this x tolerance x no-load closes early
-RESERVE_SHARE = 0.25  # adaptive: the top class may exceed the limit by this share of it
-MIN_RESERVE = 2  # ... and by at least this many slots
-BURST = 4.0  # credit a lower class may be owed before it gets a turn
-MAX_CREDIT = 64.0
-SHED_QUIET = 1.0  # seconds without a shed after which a class's shedding has stopped
-PROBE_TRIES = 5  # windows a probe waits for the load to fall to minLimit
-HEAD_SHED = 2.0  # a head that waited this many times its class's target is shed (CoDel-like)
-CLEAN_SHARE = 1  # a window lowers the no-load baseline only if drops * this <= samples
-LOG_CHANGE = 0.5  # log the limit when it moved this much (relative) since last logged
-RETRY_AFTER_MAX = 60
-DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MIN_SAMPLES: Final = 5  # latency samples a window needs before the limit moves
+MIN_KEEP: Final = 0.5  # a window keeps at least this share of the limit (at most halves it)
+TRIAL_STEP: Final = 0.25  # an upward trial adds this share of the limit (at least one slot)
+TRIAL_GAIN: Final = 0.5  # ... and pays when throughput grew by half as much as the load did
+TRIAL_RTTS: Final = 3  # a trial window lasts at least this many latencies (and sampleWindow)
+REBASE_TRIALS: Final = 2  # paid trials in a row before a high latency becomes the baseline
+TRIAL_WAIT: Final = 2  # binding windows before the next trial after one that did not pay
+MAX_TRIAL_WAIT: Final = 64  # ... doubling after each further one, up to this many
+IDLE_HEADROOM: Final = 2.0  # while it does not bind, the limit follows this x the load (+1) down
+CONGESTED: Final = 2.0  # a window whose mean latency is this x tolerance x no-load closes early
+RESERVE_SHARE: Final = 0.25  # adaptive: the top class may exceed the limit by this share of it
+MIN_RESERVE: Final = 2  # ... and by at least this many slots
+BURST: Final = 4.0  # credit a lower class may be owed before it gets a turn
+MAX_CREDIT: Final = 64.0
+SHED_QUIET: Final = 1.0  # seconds without a shed after which a class's shedding has stopped
+PROBE_TRIES: Final = 5  # windows a probe waits for the load to fall to minLimit
+HEAD_SHED: Final = 2.0  # a head that waited this many times its class's target is shed (CoDel-like)
+CLEAN_SHARE: Final = 1  # a window lowers the no-load baseline only if drops * this <= samples
+LOG_CHANGE: Final = 0.5  # log the limit when it moved this much (relative) since last logged
+RETRY_AFTER_MAX: Final = 60
+DELAY_BUCKETS: Final[tuple[float, ...]] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 
 class PriorityLike(Protocol):

@@ -31,13 +31,14 @@ import math
 import random
 import time
 from collections.abc import Sequence
+from typing import Final
 
 from meshlayer.config.model import Endpoint, OutlierDetection
 
-DECAY = 10.0  # seconds: the EWMA's time constant (Linkerd's default)
-DEFAULT_RTT = 0.030  # seconds: assumed latency of an endpoint never measured
-PENALTY = 1.0  # seconds: cost added by a failure, so P2C moves away at once
-FAILURE_DECAY = 1.0  # seconds: the penalty's time constant (recovery in ~7 s at 1 ms)
+DECAY: Final = 10.0  # seconds: the EWMA's time constant (Linkerd's default)
+DEFAULT_RTT: Final = 0.030  # seconds: assumed latency of an endpoint never measured
+PENALTY: Final = 1.0  # seconds: cost added by a failure, so P2C moves away at once
+FAILURE_DECAY: Final = 1.0  # seconds: the penalty's time constant (recovery in ~7 s at 1 ms)
 
 
 class EndpointState:

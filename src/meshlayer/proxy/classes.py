@@ -20,15 +20,16 @@ important), so per-class state elsewhere (queues, pools) can be lists.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Final
 
 from meshlayer.baggage import KEY, class_values
 from meshlayer.config.model import PriorityClass
 from meshlayer.config.priority import by_rank
 
-HEADER = b"x-meshlayer-priority"
-BAGGAGE = b"baggage"
-BAGGAGE_KEY = KEY
-FALLBACK = "default"
+HEADER: Final = b"x-meshlayer-priority"
+BAGGAGE: Final = b"baggage"
+BAGGAGE_KEY: Final = KEY
+FALLBACK: Final = "default"
 
 
 class ClassState:

@@ -37,8 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from random import getrandbits
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from meshlayer.baggage import stamp_class
 from meshlayer.proxy.classes import BAGGAGE, ClassState
@@ -49,11 +48,12 @@ from meshlayer.proxy.codec.events import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, 
 from meshlayer.proxy.codec.serialize import build_head, chunk, last_chunk, without
 from meshlayer.proxy.errors import MeshError, render
 from meshlayer.proxy.pool import CONNECT, IDLE, OVERFLOW, ServicePool
-from meshlayer.proxy.runtime import ServiceRuntime, split_target
+from meshlayer.proxy.runtime import ServiceRuntime, Settings, split_target
 from meshlayer.proxy.tls import NoIdentity
 from meshlayer.proxy.upstream import UpstreamConnection
 
-REQUEST, STREAM = 3, 4  # deadline kinds of the client connection (see server.py)
+REQUEST: Final = 3  # deadline kinds of the client connection (see server.py)
+STREAM: Final = 4
 
 if TYPE_CHECKING:
     from meshlayer.config.model import Service
@@ -63,28 +63,43 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshlayer.proxy")
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-REPLAY_LIMIT = 64 * 1024  # request bodies up to this size are kept for retries
-BUFFER_LIMIT = 64 * 1024  # request body buffered before an upstream connection exists
-DISCARD_LIMIT = REPLAY_LIMIT  # rest of a refused request's body read and dropped to keep alive
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+REPLAY_LIMIT: Final = 64 * 1024  # request bodies up to this size are kept for retries
+BUFFER_LIMIT: Final = 64 * 1024  # request body buffered before an upstream connection exists
+# the rest of a refused request's body is read and dropped, up to this, to keep the connection
+DISCARD_LIMIT: Final = REPLAY_LIMIT
 
-SOURCE_HEADER = b"x-meshlayer-source"
+SOURCE_HEADER: Final = b"x-meshlayer-source"
 # Identity the mesh sets from the verified peer certificate: a client's copies are never
 # forwarded (watching them takes them out of the head's lines at no cost per request).
-IDENTITY_HEADERS = frozenset({b"x-meshlayer-peer-identity", b"x-forwarded-client-cert"})
+IDENTITY_HEADERS: Final = frozenset({b"x-meshlayer-peer-identity", b"x-forwarded-client-cert"})
 # Fields the client side's parser hands out apart, because the exchange rewrites them.
 WATCHED = (
     frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id", SOURCE_HEADER})
     | IDENTITY_HEADERS
     | {PRIORITY_HEADER, BAGGAGE}
 )
-_HOST = frozenset({b"host"})
-_FORWARDED = b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\nx-request-id: %b\r\n%b"
+_HOST: Final = frozenset({b"host"})
+_FORWARDED: Final = b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\nx-request-id: %b\r\n%b"
 
 # response phases
-WAITING = 0  # no final response head yet
-STREAMING = 1  # final head written to the client
-DONE = 2
+WAITING: Final = 0  # no final response head yet
+STREAMING: Final = 1  # final head written to the client
+DONE: Final = 2
+
+
+_STATUS_LINES: Final[dict[int, tuple[bytes, bytes]]] = {}  # status -> (reason, line)
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    """The status line forwarded to the client, formatted once per status and reason
+    (the last reason seen for a status is kept: at most one entry per status)."""
+    seen = _STATUS_LINES.get(status)
+    if seen is not None and seen[0] == reason:
+        return seen[1]
+    line = b"HTTP/1.1 %d %b" % (status, reason)
+    _STATUS_LINES[status] = (reason, line)
+    return line
 
 
 class Exchange:
@@ -115,6 +130,7 @@ class Exchange:
         "req_done",
         "request_id",
         "service",
+        "settings",
         "source",
         "started",
         "status",
@@ -129,6 +145,8 @@ class Exchange:
 
     conf: Service
     """The destination's effective config (HTTPRoute overrides applied); set with ``service``."""
+    settings: Settings
+    """What the request path reads of ``conf``, as plain fields."""
     prio: ClassState
     """The request's priority class (:mod:`meshlayer.proxy.classes`); set in ``start``."""
 
@@ -192,14 +210,16 @@ class Exchange:
                 self.path = gateway_path(self.path)
             svc = listener.route(self)
             conf = svc.service
+            settings = svc.settings
             if svc.routes is not None:  # HTTPRoutes: the backend and the rule's policy
                 svc, conf = svc.routes.select(self.head.method, self.path, self.head.headers)
+                settings = svc.settings if conf is svc.service else Settings(conf)
             if listener.classify is not None:  # a gateway: its rules, never the client's claim
                 self.prio = listener.classify(self, svc, conf)
             else:
                 prio = listener.classes.read(self.head.picked)
                 if prio is None:
-                    prio = listener.classes.default_for(conf.priority_class)
+                    prio = listener.classes.default_for(settings.priority_class)
                     self.prio_missing = True
                     listener.missing_class(svc.name)
                 self.prio = prio
@@ -211,22 +231,21 @@ class Exchange:
         prio = listener.classes.fallback if svc.fifo else self.prio
         if prio.spec is not down.marks:  # the response bytes leave with the class's marks
             down.mark(prio.spec)
-        limits = svc.service.circuit_breaker
         adm = svc.admission
-        if svc.in_flight >= limits.max_requests and (
+        if svc.in_flight >= svc.settings.max_requests and (
             adm is None or not adm.queued or not adm.make_room(prio, now)
         ):  # (make_room: a lower class's newest waiter gives its place up)
             self._fail(MeshError(503, "overflow", f"{svc.name}: max requests in flight reached"))
             return
         self.service = svc
         self.conf = conf
+        self.settings = settings
         svc.in_flight += 1  # the breaker counts queued requests too
         self.out_head = self._build_request_head()
-        timeouts = conf.timeouts
         if self.req_done:
-            down.set_deadline(REQUEST, timeouts.request, now)
+            down.set_deadline(REQUEST, settings.request_timeout, now)
         else:  # the request timeout starts when the whole request has arrived
-            down.set_deadline(STREAM, timeouts.idle, now)
+            down.set_deadline(STREAM, settings.idle_timeout, now)
         if adm is not None:  # the destination's concurrency limit (None: unlimited)
             self.adm = adm
             if down.eof and adm.would_wait(prio):
@@ -254,7 +273,7 @@ class Exchange:
         if prio.index >= len(ordered) or ordered[prio.index] is not prio:
             # A reload changed the class table while it waited: its pool is the one of
             # its class by name now (or the destination's default class).
-            self.prio = classes.get(prio.name) or classes.default_for(self.conf.priority_class)
+            self.prio = classes.get(prio.name) or classes.default_for(self.settings.priority_class)
         svc.budget.deposit(now)
         self._attempt(now)
 
@@ -330,7 +349,7 @@ class Exchange:
         try:
             conn = await pool.open(
                 ep,
-                svc.service.timeouts.connect,
+                svc.settings.connect_timeout,
                 UpstreamConnection,
                 self.down.listener.upstream_tls,
                 svc.name,
@@ -389,7 +408,7 @@ class Exchange:
         xff = picked.get(b"x-forwarded-for")
         rid = picked.get(b"x-request-id")
         if not rid:
-            rid = b"%032x" % getrandbits(128)
+            rid = down.listener.request_id()
         self.request_id = rid
         # The mesh's own fields and the framing, after the end-to-end lines.
         tail = _FORWARDED % (
@@ -408,7 +427,7 @@ class Exchange:
         if head.upgrade is not None:
             tail += b"\r\nconnection: upgrade\r\nupgrade: " + head.upgrade
         if head.framing == LENGTH:
-            tail += b"\r\ncontent-length: %d" % head.content_length
+            tail += b"\r\ncontent-length: " + str(head.content_length).encode()
         elif head.framing == CHUNKED:
             tail += b"\r\ntransfer-encoding: " + head.transfer_encoding
         return b"%b %b HTTP/1.1\r\n%b%b\r\n\r\n" % (
@@ -449,7 +468,7 @@ class Exchange:
         if self.conn is not None:
             self._write_request_end(self.conn)
         if self.started and self.phase == WAITING and self.service is not None:
-            self.down.set_deadline(REQUEST, self.conf.timeouts.request)
+            self.down.set_deadline(REQUEST, self.settings.request_timeout)
 
     def on_request_error(self, err: ProtocolError) -> None:
         """The client broke framing in the middle of this request's body."""
@@ -503,7 +522,7 @@ class Exchange:
         now = time.monotonic()
         shed = status == 503 and _is_shed(resp)
         if (
-            status in self.conf.retries.on_status
+            status in self.settings.retry_on
             and not shed  # a peer shedding load: retrying would only add to it
             and self.head.method in IDEMPOTENT
             and self._can_retry()
@@ -534,7 +553,7 @@ class Exchange:
             for name, value in resp.headers:
                 if name.lower() == b"upgrade":
                     lines.append(b"upgrade: " + value)
-            down.set_deadline(STREAM, svc.service.timeouts.idle, now)
+            down.set_deadline(STREAM, svc.settings.idle_timeout, now)
             down.write(build_head(b"HTTP/1.1 101 %b" % resp.reason, lines))
             if adm is not None:  # a tunnel is no request any more: it holds no slot
                 self.adm = None
@@ -549,10 +568,10 @@ class Exchange:
             return
         http11 = self.head.version == b"1.1"
         if framing == LENGTH:
-            lines.append(b"content-length: %d" % resp.content_length)
+            lines.append(b"content-length: " + str(resp.content_length).encode())
         elif framing == NO_BODY:
             if resp.content_length >= 0 and status != 204:
-                lines.append(b"content-length: %d" % resp.content_length)
+                lines.append(b"content-length: " + str(resp.content_length).encode())
         elif http11:  # CHUNKED or UNTIL_CLOSE
             self.chunked_out = True
             lines.append(b"transfer-encoding: chunked")
@@ -564,8 +583,8 @@ class Exchange:
             lines.append(b"connection: close")
         elif not http11:
             lines.append(b"connection: keep-alive")
-        down.set_deadline(STREAM, svc.service.timeouts.idle, now)
-        down.write(build_head(b"HTTP/1.1 %d %b" % (status, resp.reason), lines))
+        down.set_deadline(STREAM, svc.settings.idle_timeout, now)
+        down.write(build_head(_status_line(status, resp.reason), lines))
         if framing == UNTIL_CLOSE:
             pass  # body pieces follow; the end comes with the upstream's close
 
@@ -623,7 +642,7 @@ class Exchange:
     def _can_retry(self) -> bool:
         svc = self.service
         assert svc is not None
-        if not self.replayable or self.attempts > self.conf.retries.attempts:
+        if not self.replayable or self.attempts > self.settings.retry_attempts:
             return False
         if self.down.closed or self.error is not None:
             return False
@@ -663,7 +682,7 @@ class Exchange:
             if adm is not None and self.t_admit:  # admitted: its latency is at least this
                 now = time.monotonic()
                 adm.sample(now - self.t_admit, now)
-            timeout = self.conf.timeouts.request if svc else 0
+            timeout = self.settings.request_timeout if svc else 0
             self._fail(MeshError(504, "timeout", f"{name}: no response within {timeout:g}s"))
         else:
             self.down.abort()

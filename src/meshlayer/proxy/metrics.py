@@ -9,9 +9,8 @@ request.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -22,8 +21,23 @@ from meshlayer.proxy.admission import DELAY_BUCKETS
 if TYPE_CHECKING:
     from meshlayer.proxy.admission import AdmissionControl
 
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+BUCKETS: Final[tuple[float, ...]] = (  # variable-length: compiled loops index it in place
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class RouteMetrics:
@@ -46,7 +60,12 @@ class RouteMetrics:
         idx = status // 100 - 1
         if 0 <= idx < 5:
             self.statuses[idx] += 1
-        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        i = 0  # bisect_left(BUCKETS, seconds), by a loop that compiles to float compares
+        for bound in BUCKETS:
+            if seconds <= bound:
+                break
+            i += 1
+        self.buckets[i] += 1
         self.total_seconds += seconds
 
 
@@ -162,10 +181,11 @@ class _AdmissionCollector(Collector):
 
 
 class _PlainCounters(Collector):
-    """A counter family kept as plain integers by label values, read at scrape time."""
+    """A counter family of two labels kept as plain integers (first → second → count),
+    read at scrape time."""
 
     def __init__(
-        self, name: str, doc: str, labels: list[str], values: dict[tuple[str, str], int]
+        self, name: str, doc: str, labels: list[str], values: dict[str, dict[str, int]]
     ) -> None:
         self._family = (name, doc, labels)
         self._values = values
@@ -173,8 +193,9 @@ class _PlainCounters(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         name, doc, labels = self._family
         fam = CounterMetricFamily(name, doc, labels=labels)
-        for key, n in list(self._values.items()):
-            fam.add_metric(list(key), n)
+        for first, counts in list(self._values.items()):
+            for second, n in list(counts.items()):
+                fam.add_metric([first, second], n)
         yield fam
 
     def describe(self) -> list[Any]:
@@ -219,8 +240,8 @@ class Metrics:
             "Configs pushed by the control plane that failed validation and were not applied",
             registry=r,
         )
-        self.priority_missing: dict[tuple[str, str], int] = {}
-        """(direction, service) → requests that carried no known class (plain ints)."""
+        self.priority_missing: dict[str, dict[str, int]] = {}
+        """direction → service → requests that carried no known class (plain ints)."""
         r.register(
             _PlainCounters(
                 "meshlayer_priority_missing",

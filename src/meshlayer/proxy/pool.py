@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from ipaddress import ip_address
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from meshlayer.config.model import CircuitBreaker, PriorityClass
 from meshlayer.proxy.netmarks import SocketMarks, class_mark_problems, marked_socket
@@ -54,14 +54,14 @@ if TYPE_CHECKING:
     from meshlayer.proxy.balancer import EndpointState
     from meshlayer.proxy.tls import MeshTls
 
-IDLE = 0
-CONNECT = 1
-WAIT = 2
-OVERFLOW = 3
+IDLE: Final = 0
+CONNECT: Final = 1
+WAIT: Final = 2
+OVERFLOW: Final = 3
 
-FIFO = "*"
+FIFO: Final = "*"
 """Name of the one pool of a service when priority is off."""
-FIFO_MARKS_CLASS = "default"
+FIFO_MARKS_CLASS: Final = "default"
 """With priority off, sockets carry this class's marks."""
 
 PoolKey = tuple[str, SocketMarks | None]

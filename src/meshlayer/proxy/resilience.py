@@ -4,8 +4,9 @@ requests, plus a floor per second, over a sliding window."""
 from __future__ import annotations
 
 import time
+from typing import Final
 
-WINDOW = 10  # seconds, in one-second buckets
+WINDOW: Final = 10  # seconds, in one-second buckets
 
 
 class RetryBudget:

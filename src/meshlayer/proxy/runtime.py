@@ -35,6 +35,21 @@ from meshlayer.proxy.resilience import RetryBudget
 from meshlayer.proxy.routes import ServiceRoutes, compile_routes
 
 
+class Settings:
+    """What the request path reads of a Service's config, read once into plain fields
+    (the config objects are interpreted dataclasses: every attribute is a lookup)."""
+
+    def __init__(self, conf: Service) -> None:
+        self.conf = conf
+        self.max_requests = conf.circuit_breaker.max_requests
+        self.connect_timeout = conf.timeouts.connect
+        self.request_timeout = conf.timeouts.request
+        self.idle_timeout = conf.timeouts.idle
+        self.retry_on = conf.retries.on_status
+        self.retry_attempts = conf.retries.attempts
+        self.priority_class = conf.priority_class
+
+
 class ServiceRuntime:
     """Everything the request path needs for one destination service."""
 
@@ -46,6 +61,7 @@ class ServiceRuntime:
         direction: str = "outbound",
     ) -> None:
         self.service = service
+        self.settings = Settings(service)
         self.name = service.name
         self.balancer = Balancer(
             service.endpoints, service.load_balancer, service.outlier_detection

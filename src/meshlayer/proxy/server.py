@@ -27,7 +27,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from random import getrandbits
+from typing import TYPE_CHECKING, Any, Final
 
 from meshlayer.config.model import DEFAULT_PRIORITY_CLASSES
 from meshlayer.proxy.classes import ClassState, ClassTable
@@ -38,6 +39,7 @@ from meshlayer.proxy.exchange import WATCHED, Exchange
 from meshlayer.proxy.metrics import Metrics, RouteMetrics
 from meshlayer.proxy.netmarks import remark
 from meshlayer.proxy.runtime import ServiceRuntime
+from meshlayer.proxy.upstream import unconnected
 
 if TYPE_CHECKING:
     from meshlayer.config.model import PriorityClass, Service
@@ -47,10 +49,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshlayer.proxy")
 access_log = logging.getLogger("meshlayer.access")
 
-PIPELINE_DEPTH = 16
+PIPELINE_DEPTH: Final = 16
 
 # deadline kinds
-NONE, IDLE, HEADER, REQUEST, STREAM = 0, 1, 2, 3, 4
+NONE: Final = 0
+IDLE: Final = 1
+HEADER: Final = 2
+REQUEST: Final = 3
+STREAM: Final = 4
 
 
 class Listener:
@@ -88,6 +94,9 @@ class Listener:
         self.classify: Callable[[Exchange, ServiceRuntime, Service], ClassState] | None = None
         """A gateway's ClassificationRules: when set, a client's own class is never read."""
         self.closing = False
+        self._id_prefix = b"%016x-" % getrandbits(64)
+        self._id_count = 0
+        self._missing = metrics.priority_missing.setdefault(direction, {})
         self.connections: set[DownstreamConnection] = set()
         self.server: asyncio.Server | None = None
         self._gauge = metrics.connections.labels("downstream", direction)
@@ -97,15 +106,20 @@ class Listener:
     def protocol(self) -> DownstreamConnection:
         return DownstreamConnection(self)
 
+    def request_id(self) -> bytes:
+        """A fresh ``x-request-id``: 64 random bits drawn when the listener starts, then
+        a count (unique without drawing and formatting 128 random bits per request)."""
+        self._id_count += 1
+        return self._id_prefix + str(self._id_count).encode()
+
     def missing_class(self, service: str) -> None:
         """Count a request that carried no known class (it got ``service``'s default)."""
-        counts = self.metrics.priority_missing
-        key = (self.direction, service)
-        n = counts.get(key)
+        counts = self._missing
+        n = counts.get(service)
         if n is not None:
-            counts[key] = n + 1
+            counts[service] = n + 1
         elif len(counts) < 2048:  # names come from config, but stay bounded
-            counts[key] = 1
+            counts[service] = 1
 
     def observe(self, ex: Exchange, seconds: float) -> None:
         source = ex.source
@@ -173,6 +187,7 @@ class DownstreamConnection(asyncio.Protocol):
         "peer_ip",
         "queue",
         "reading",
+        "send",
         "stream_idle",
         "transport",
         "write_paused",
@@ -184,6 +199,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.queue: deque[Exchange] = deque()
         self.reading: Exchange | None = None
         self.transport: asyncio.Transport | None = None
+        self.send: Callable[[bytes], object] = unconnected
+        """``transport.write``, looked up once (a method lookup per write is not free)."""
         self.peer_ip = b"unknown"
         self.peer_identity: str | None = None
         """The peer's SPIFFE ID from its verified certificate (inbound mTLS only)."""
@@ -209,6 +226,7 @@ class DownstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.send = transport.write
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer_ip = str(peer[0]).encode()
@@ -344,7 +362,7 @@ class DownstreamConnection(asyncio.Protocol):
             self.corked.append(data)
             return
         if not self.closed and self.transport is not None:
-            self.transport.write(data)
+            self.send(data)
             if self.deadline_kind == STREAM:
                 self.deadline = time.monotonic() + self.stream_idle
 

@@ -9,6 +9,7 @@ this transport's write buffer is full.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from meshlayer.proxy.codec import Body, EndOfMessage, ProtocolError, ResponseHead, TunnelData
@@ -18,6 +19,11 @@ if TYPE_CHECKING:
     from meshlayer.proxy.balancer import EndpointState
     from meshlayer.proxy.exchange import Exchange
     from meshlayer.proxy.pool import ServicePool
+
+
+def unconnected(data: bytes) -> None:
+    """What a connection's ``send`` is before ``connection_made``."""
+    raise RuntimeError("write before connection_made")
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -32,6 +38,7 @@ class UpstreamConnection(asyncio.Protocol):
         "pool",
         "reading_paused",
         "requests",
+        "send",
         "transport",
     )
 
@@ -39,6 +46,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.endpoint = endpoint
         self.transport: asyncio.Transport | None = None
+        self.send: Callable[[bytes], object] = unconnected
+        """``transport.write``, looked up once."""
         self.parser = ResponseParser()
         self.exchange: Exchange | None = None
         self.closed = False
@@ -66,7 +75,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.write(data)
+            self.send(data)
 
     def write_eof(self) -> None:
         """Half-close: the peer reads an end of stream, and may still answer."""
@@ -98,6 +107,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.send = transport.write
 
     def data_received(self, data: bytes) -> None:
         events = self.parser.feed(data)

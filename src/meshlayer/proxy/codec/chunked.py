@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from typing import Final
 
-_SIZE, _DATA, _TRAILERS = 0, 1, 2
+_SIZE: Final = 0
+_DATA: Final = 1
+_TRAILERS: Final = 2
 TOO_LARGE: Final = -2
 UNREADABLE: Final = -3
 _MAX_DIGITS: Final = 16  # significant hex digits: llhttp refuses sizes that overflow 64 bits

@@ -201,7 +201,7 @@ class EndOfMessage:
         return f"EndOfMessage(trailers={self.trailers!r})"
 
 
-END = EndOfMessage()
+END: Final = EndOfMessage()
 """The end of a message without trailers: one shared instance, as events are never mutated."""
 
 

@@ -8,6 +8,12 @@ prefix test; a ``KindTable`` does that once per distinct name as sent and
 then answers with one lookup on the name itself. The table is bounded
 (``MAX_CACHED`` names), because names are chosen by the peer: past the bound
 names are classified every time, never stored.
+
+Most fields are PLAIN, and even the lookup costs a slice and a hash of the
+name. ``KindTable.maybe`` answers "certainly PLAIN" for most of them first,
+from the name's length and first letter alone (``plain_for_sure``): a table of
+what the non-PLAIN names (and ``proxy-*``) could be. A false "maybe" only
+means the lookup is done.
 """
 
 from __future__ import annotations
@@ -28,12 +34,20 @@ EXPECT: Final = 7  # Expect (requests only): end to end, 100-continue remembered
 WATCHED: Final = 8  # one of the caller's watched names: handed out apart
 
 MAX_CACHED: Final = 512
+MAYBE_LEN: Final = 64  # names this long or longer are always looked up
+
+
+def _slot(length: int, first: int) -> int:
+    """Where ``maybe`` keeps names of this length and first byte: letters fold to
+    their case-insensitive position (the low five bits); other bytes may share a
+    slot with a letter, which only costs a lookup."""
+    return (length << 5) | (first & 31)
 
 
 class KindTable:
     """Header field name as sent → kind, for one parser configuration."""
 
-    __slots__ = ("_by_lower", "kinds")
+    __slots__ = ("_by_lower", "kinds", "maybe")
 
     def __init__(self, request: bool, watch: frozenset[bytes] = frozenset()) -> None:
         by_lower: dict[bytes, int] = dict.fromkeys(watch, WATCHED)
@@ -46,6 +60,14 @@ class KindTable:
             by_lower.setdefault(b"host", HOST)
             by_lower.setdefault(b"expect", EXPECT)
         self._by_lower = by_lower
+        maybe = bytearray(MAYBE_LEN << 5)
+        for name in by_lower:
+            if len(name) < MAYBE_LEN:
+                maybe[_slot(len(name), name[0])] = 1
+        for length in range(len(b"proxy-"), MAYBE_LEN):
+            maybe[_slot(length, ord("p"))] = 1
+        self.maybe = bytes(maybe)
+        """Non-zero where a name of that length and first letter may not be PLAIN."""
         self.kinds: dict[bytes, int] = {}
         """The cache: names as sent, classified. Look here first."""
 
@@ -58,6 +80,12 @@ class KindTable:
         if len(self.kinds) < MAX_CACHED:
             self.kinds[name] = kind
         return kind
+
+
+def plain_for_sure(maybe: bytes, row: bytes, colon: int) -> bool:
+    """Whether the field in ``row`` (its name ending at ``colon``) is PLAIN, known
+    without looking its name up; False means: look it up."""
+    return colon < MAYBE_LEN and maybe[_slot(colon, row[0])] == 0
 
 
 _tables: dict[tuple[bool, frozenset[bytes]], KindTable] = {}

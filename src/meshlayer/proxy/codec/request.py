@@ -60,8 +60,9 @@ from meshlayer.proxy.codec.fields import (
     UPGRADE,
     WATCHED,
     kind_table,
+    plain_for_sure,
 )
-from meshlayer.proxy.codec.serialize import named_by_connection
+from meshlayer.proxy.codec.serialize import NO_TOKENS, named_by_connection
 
 MAX_HEADER_BYTES: Final = 60 * 1024
 MAX_HEADERS: Final = 100
@@ -75,7 +76,7 @@ def _probe() -> None:
     """A native function when this module is compiled (see ``block.native``)."""
 
 
-_NATIVE: Final = native(_probe)
+_NATIVE = native(_probe)  # not Final: tests switch modes on compiled modules too
 
 # What the bytes after ``_mark`` belong to.
 _HEAD: Final = 0  # the next head (or blank lines before it)
@@ -101,6 +102,7 @@ class RequestParser:
         "_data",
         "_events",
         "_expect",
+        "_feed",
         "_head_bytes",
         "_head_raw",
         "_headers",
@@ -108,6 +110,7 @@ class RequestParser:
         "_hosts",
         "_in_head",
         "_in_trailers",
+        "_keep_alive_of",
         "_kind_of",
         "_kinds",
         "_left",
@@ -154,6 +157,9 @@ class RequestParser:
             cb.on_headers_complete = self._field_head
             cb.on_message_complete = self._field_end
         self._parser = httptools.HttpRequestParser(cb)
+        self._feed = self._parser.feed_data
+        """The parser's ``feed_data``, looked up once."""
+        self._keep_alive_of = self._parser.should_keep_alive
         self._max_header_bytes = max_header_bytes
         self._max_headers = max_headers
         self._events: list[object] = []
@@ -175,7 +181,7 @@ class RequestParser:
         self._headers: Headers = []
         self._lines: list[bytes] = []
         self._picked: dict[bytes, bytes] = {}
-        self._conn_tokens: frozenset[bytes] = frozenset()
+        self._conn_tokens: frozenset[bytes] = NO_TOKENS
         self._head_bytes = 0
         self._head_raw = 0
         self._clen = -1
@@ -204,7 +210,7 @@ class RequestParser:
             return self._feed_blocks(data, events)
         was_in_head = self._in_head
         try:
-            self._parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserUpgrade as exc:
             self.tunnel = True
             tunnel_from(data, exc.args[0], events)
@@ -223,7 +229,7 @@ class RequestParser:
         self._data = data
         self._mark = 0
         try:
-            self._parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserUpgrade as exc:
             self.tunnel = True
             tunnel_from(data, exc.args[0], events)
@@ -357,7 +363,7 @@ class RequestParser:
             self._url,
             version,
             self._headers,
-            p.should_keep_alive(),
+            self._keep_alive_of(),
             framing,
             length,
             self._te,
@@ -405,7 +411,7 @@ class RequestParser:
             raise self._fail(405, "CONNECT is not supported")
         lines: list[bytes] = []
         picked: dict[bytes, bytes] = {}
-        conn_tokens: frozenset[bytes] = frozenset()
+        conn_tokens: frozenset[bytes] = NO_TOKENS
         hosts = 0
         host: bytes | None = None
         clen = -1
@@ -413,12 +419,19 @@ class RequestParser:
         upgrade: bytes | None = None
         expect = False
         kind_of = self._kind_of
+        maybe = self._kinds.maybe
         for row in rows:
             i, canon = cut_row(row)
-            name = row[:i]
-            kind = kind_of.get(name)
-            if kind is None:
-                kind = self._kinds.classify(name)
+            if plain_for_sure(maybe, row, i):
+                if canon:
+                    lines.append(row)  # forwarded as it came
+                    continue
+                name = row[:i]
+                kind = PLAIN
+            else:
+                name = row[:i]
+                found = kind_of.get(name)
+                kind = found if found is not None else self._kinds.classify(name)
             if kind == PLAIN:
                 # forwarded as it came when usual, else rewritten as llhttp cuts values
                 lines.append(row if canon else name + b": " + row[i + 1 :].lstrip(b" \t"))
@@ -466,7 +479,7 @@ class RequestParser:
             target,
             version,
             None,
-            p.should_keep_alive(),
+            self._keep_alive_of(),
             framing,
             length,
             te,

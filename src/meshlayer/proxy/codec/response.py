@@ -43,9 +43,9 @@ from meshlayer.proxy.codec.events import (
     split_rows,
     tunnel_from,
 )
-from meshlayer.proxy.codec.fields import CLEN, CONN, PLAIN, TE, kind_table
+from meshlayer.proxy.codec.fields import CLEN, CONN, PLAIN, TE, kind_table, plain_for_sure
 from meshlayer.proxy.codec.request import MAX_HEADER_BYTES, MAX_HEADERS
-from meshlayer.proxy.codec.serialize import named_by_connection
+from meshlayer.proxy.codec.serialize import NO_TOKENS, named_by_connection
 
 _KINDS: Final = kind_table(False)
 _KIND_OF: Final = _KINDS.kinds
@@ -58,7 +58,7 @@ def _probe() -> None:
     """A native function when this module is compiled (see ``block.native``)."""
 
 
-_NATIVE: Final = native(_probe)
+_NATIVE = native(_probe)  # not Final: tests switch modes on compiled modules too
 
 # What the bytes after ``_mark`` belong to.
 _HEAD: Final = 0  # the next head (or blank lines before it)
@@ -80,12 +80,14 @@ class ResponseParser:
         "_data",
         "_events",
         "_expecting",
+        "_feed",
         "_head_bytes",
         "_head_request",
         "_headers",
         "_in_body",
         "_in_trailers",
         "_keep_alive",
+        "_keep_alive_of",
         "_left",
         "_lines",
         "_mark",
@@ -106,6 +108,9 @@ class ResponseParser:
         (default: when compiled)."""
         self._blocks = _NATIVE if blocks is None else blocks
         self._parser = self._new_parser()
+        self._feed = self._parser.feed_data
+        """The parser's ``feed_data``, looked up once per parser."""
+        self._keep_alive_of = self._parser.should_keep_alive
         self._events: list[object] = []
         self._raised: ProtocolError | None = None
         self._expecting = False
@@ -143,7 +148,7 @@ class ResponseParser:
     def _reset_message(self) -> None:
         self._headers: Headers = []
         self._lines: list[bytes] = []
-        self._conn_tokens: frozenset[bytes] = frozenset()
+        self._conn_tokens: frozenset[bytes] = NO_TOKENS
         self._reason = b""
         self._clen = -1
         self._te = b""
@@ -178,7 +183,7 @@ class ResponseParser:
             return self._feed_head_only()
         if not self._blocks:
             try:
-                self._parser.feed_data(data)
+                self._feed(data)
             except httptools.HttpParserUpgrade as exc:
                 self.tunnel = True
                 tunnel_from(data, exc.args[0], events)
@@ -188,7 +193,7 @@ class ResponseParser:
         self._data = data
         self._mark = 0
         try:
-            self._parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserUpgrade as exc:
             self.tunnel = True
             tunnel_from(data, exc.args[0], events)
@@ -244,7 +249,7 @@ class ResponseParser:
             self._data = head
             self._mark = 0
             try:
-                self._parser.feed_data(head)
+                self._feed(head)
             except httptools.HttpParserError as exc:
                 return self._refused(exc)
             finally:
@@ -332,7 +337,7 @@ class ResponseParser:
             raise self._fail(f"upstream HTTP version {p.get_http_version()} not supported")
         if self._te and not self._te.lower().rstrip(b" \t").endswith(b"chunked"):
             raise self._fail("upstream Transfer-Encoding does not end in chunked")
-        keep_alive = p.should_keep_alive()
+        keep_alive = self._keep_alive_of()
         if 100 <= status < 200 or status in (204, 304) or self._head_request:
             framing, length = NO_BODY, self._clen
         elif self._te:
@@ -361,6 +366,8 @@ class ResponseParser:
             # llhttp would wait for a body: end the message here and start afresh.
             self._finish(keep_alive, None)
             self._parser = self._new_parser()
+            self._feed = self._parser.feed_data
+            self._keep_alive_of = self._parser.should_keep_alive
 
     def _final(self, status: int) -> bool:
         """Whether the response that just ended, with ``status``, is the final one: an
@@ -381,7 +388,7 @@ class ResponseParser:
         trailers = self._trailers
         self._trailers = None
         self._in_trailers = False
-        self._finish(self._parser.should_keep_alive(), trailers)
+        self._finish(self._keep_alive_of(), trailers)
 
     # -- llhttp callbacks, in blocks ----------------------------------------
 
@@ -408,15 +415,22 @@ class ResponseParser:
         if version is None:
             raise self._fail(f"upstream HTTP version {p.get_http_version()} not supported")
         lines: list[bytes] = []
-        conn_tokens: frozenset[bytes] = frozenset()
+        conn_tokens: frozenset[bytes] = NO_TOKENS
         clen = -1
         te = b""
+        maybe = _KINDS.maybe
         for row in rows:
             i, canon = cut_row(row)
-            name = row[:i]
-            kind = _KIND_OF.get(name)
-            if kind is None:
-                kind = _KINDS.classify(name)
+            if plain_for_sure(maybe, row, i):
+                if canon:
+                    lines.append(row)  # forwarded as it came
+                    continue
+                name = row[:i]
+                kind = PLAIN
+            else:
+                name = row[:i]
+                found = _KIND_OF.get(name)
+                kind = found if found is not None else _KINDS.classify(name)
             if kind == PLAIN:
                 # forwarded as it came when usual, else rewritten as llhttp cuts values
                 lines.append(row if canon else name + b": " + row[i + 1 :].lstrip(b" \t"))
@@ -432,7 +446,7 @@ class ResponseParser:
                     conn_tokens |= named
         if te and not te.lower().rstrip(b" \t").endswith(b"chunked"):
             raise self._fail("upstream Transfer-Encoding does not end in chunked")
-        keep_alive = self._keep_alive = p.should_keep_alive()
+        keep_alive = self._keep_alive = self._keep_alive_of()
         head_request = self._head_request
         if 100 <= status < 200 or status in (204, 304) or head_request:
             framing, length = NO_BODY, clen
@@ -466,6 +480,8 @@ class ResponseParser:
             # llhttp would wait for a body: end the message here and start afresh.
             self._finish(keep_alive, None)
             self._parser = self._new_parser()
+            self._feed = self._parser.feed_data
+            self._keep_alive_of = self._parser.should_keep_alive
 
     def on_body(self, body: bytes) -> None:
         self._events.append(Body(body))

@@ -10,6 +10,7 @@ sees never depends on how this hop read an ambiguous message.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final
 
 from meshlayer.proxy.codec.events import CHUNKED, LENGTH, Headers
 
@@ -29,10 +30,13 @@ HOP_BY_HOP = frozenset(
 )
 
 # How the parsers treat a header field by lower-cased name (anything else is end-to-end).
-OTHER, DROP, CONNECTION = 0, 1, 2
+OTHER: Final = 0
+DROP: Final = 1
+CONNECTION: Final = 2
 CLASSIFY: dict[bytes, int] = dict.fromkeys(HOP_BY_HOP, DROP)
 CLASSIFY[b"connection"] = CONNECTION
-STANDARD_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+STANDARD_TOKENS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
+NO_TOKENS: Final[frozenset[bytes]] = frozenset()  # a head whose Connection names no fields
 
 
 _NAMED: dict[bytes, frozenset[bytes]] = {}  # Connection value -> names; most repeat
@@ -55,8 +59,8 @@ def without(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
     return [line for line in lines if line.split(b":", 1)[0].lower() not in names]
 
 
-CRLF = b"\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
+CRLF: Final = b"\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
 def connection_tokens(headers: Headers) -> frozenset[bytes]:
