@@ -85,7 +85,7 @@ class KindTable:
 def plain_for_sure(maybe: bytes, row: bytes, colon: int) -> bool:
     """Whether the field in ``row`` (its name ending at ``colon``) is PLAIN, known
     without looking its name up; False means: look it up."""
-    return colon < MAYBE_LEN and maybe[_slot(colon, row[0])] == 0
+    return colon < MAYBE_LEN and maybe[(colon << 5) | (row[0] & 31)] == 0  # _slot, inlined
 
 
 _tables: dict[tuple[bool, frozenset[bytes]], KindTable] = {}

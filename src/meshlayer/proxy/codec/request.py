@@ -34,7 +34,7 @@ from typing import Final
 
 import httptools
 
-from meshlayer.proxy.codec.block import Callbacks, cut_row, head_block, native
+from meshlayer.proxy.codec.block import Callbacks, cut_row, head_block, native, version_at
 from meshlayer.proxy.codec.chunked import TOO_LARGE, ChunkedEnd
 from meshlayer.proxy.codec.errors import ProtocolError
 from meshlayer.proxy.codec.events import (
@@ -69,7 +69,6 @@ MAX_HEADERS: Final = 100
 MAX_TARGET: Final = 8 * 1024
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}  # by llhttp's version string
-_VERSIONS_B: Final = {b"1.1": b"1.1", b"1.0": b"1.0"}  # by the request line's last 3 bytes
 
 
 def _probe() -> None:
@@ -404,7 +403,7 @@ class RequestParser:
         size = self._head_bytes = len(block) - len(line) - 4
         if size > self._max_header_bytes:
             raise self._fail(431, "request header section too large")
-        version = _VERSIONS_B.get(line[-3:])
+        version = version_at(line, len(line))
         if version is None:
             raise self._fail(505, f"HTTP version {self._parser.get_http_version()} not supported")
         if method == b"CONNECT":

@@ -26,7 +26,7 @@ from typing import Final
 
 import httptools
 
-from meshlayer.proxy.codec.block import Callbacks, cut_row, head_block, native
+from meshlayer.proxy.codec.block import Callbacks, cut_row, head_block, native, version_at
 from meshlayer.proxy.codec.chunked import TOO_LARGE, ChunkedEnd
 from meshlayer.proxy.codec.errors import ProtocolError
 from meshlayer.proxy.codec.events import (
@@ -51,7 +51,6 @@ _KINDS: Final = kind_table(False)
 _KIND_OF: Final = _KINDS.kinds
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}  # by llhttp's version string
-_VERSIONS_B: Final = {b"1.1": b"1.1", b"1.0": b"1.0"}  # by the 3 bytes before the first space
 
 
 def _probe() -> None:
@@ -411,7 +410,7 @@ class ResponseParser:
             sp += 1
         status = (line[sp + 1] - 48) * 100 + (line[sp + 2] - 48) * 10 + line[sp + 3] - 48
         self._status = status
-        version = _VERSIONS_B.get(line[sp - 3 : sp])
+        version = version_at(line, sp)
         if version is None:
             raise self._fail(f"upstream HTTP version {p.get_http_version()} not supported")
         lines: list[bytes] = []
