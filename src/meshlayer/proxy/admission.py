@@ -132,21 +132,8 @@ HEAD_SHED: Final = 2.0  # a head that waited this many times its class's target 
 CLEAN_SHARE: Final = 1  # a window lowers the no-load baseline only if drops * this <= samples
 LOG_CHANGE: Final = 0.5  # log the limit when it moved this much (relative) since last logged
 RETRY_AFTER_MAX: Final = 60
-DELAY_BUCKETS: Final[tuple[float, ...]] = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+DELAY_BUCKETS: Final[tuple[float, ...]] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                           0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
 
 
 class PriorityLike(Protocol):

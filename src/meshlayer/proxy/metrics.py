@@ -21,22 +21,8 @@ from meshlayer.proxy.admission import DELAY_BUCKETS
 if TYPE_CHECKING:
     from meshlayer.proxy.admission import AdmissionControl
 
-BUCKETS: Final[tuple[float, ...]] = (  # variable-length: compiled loops index it in place
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
+# the request-duration histogram: admission's delay buckets and one for slow responses
+BUCKETS: Final[tuple[float, ...]] = (*DELAY_BUCKETS, 30.0)  # variable-length: indexed in place
 STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 

@@ -11,7 +11,7 @@ names are classified every time, never stored.
 
 Most fields are PLAIN, and even the lookup costs a slice and a hash of the
 name. ``KindTable.maybe`` answers "certainly PLAIN" for most of them first,
-from the name's length and first letter alone (``plain_for_sure``): a table of
+from the name's length and first letter alone (``row_kind``): a table of
 what the non-PLAIN names (and ``proxy-*``) could be. A false "maybe" only
 means the lookup is done.
 """
@@ -71,6 +71,15 @@ class KindTable:
         self.kinds: dict[bytes, int] = {}
         """The cache: names as sent, classified. Look here first."""
 
+    def row_kind(self, row: bytes, colon: int) -> int:
+        """The kind of the field in ``row``, its name ending at ``colon``: PLAIN at once
+        when ``maybe`` rules the rest out (no slice, no hash), else by lookup."""
+        if colon < MAYBE_LEN and self.maybe[(colon << 5) | (row[0] & 31)] == 0:  # _slot
+            return PLAIN
+        name = row[:colon]
+        found = self.kinds.get(name)
+        return found if found is not None else self.classify(name)
+
     def classify(self, name: bytes) -> int:
         """The kind of ``name`` (a cache miss): compute, and remember while there is room."""
         lname = name.lower()
@@ -80,12 +89,6 @@ class KindTable:
         if len(self.kinds) < MAX_CACHED:
             self.kinds[name] = kind
         return kind
-
-
-def plain_for_sure(maybe: bytes, row: bytes, colon: int) -> bool:
-    """Whether the field in ``row`` (its name ending at ``colon``) is PLAIN, known
-    without looking its name up; False means: look it up."""
-    return colon < MAYBE_LEN and maybe[(colon << 5) | (row[0] & 31)] == 0  # _slot, inlined
 
 
 _tables: dict[tuple[bool, frozenset[bytes]], KindTable] = {}

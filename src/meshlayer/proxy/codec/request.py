@@ -60,7 +60,6 @@ from meshlayer.proxy.codec.fields import (
     UPGRADE,
     WATCHED,
     kind_table,
-    plain_for_sure,
 )
 from meshlayer.proxy.codec.serialize import NO_TOKENS, named_by_connection
 
@@ -417,24 +416,15 @@ class RequestParser:
         te = b""
         upgrade: bytes | None = None
         expect = False
-        kind_of = self._kind_of
-        maybe = self._kinds.maybe
+        kinds = self._kinds
         for row in rows:
             i, canon = cut_row(row)
-            if plain_for_sure(maybe, row, i):
-                if canon:
-                    lines.append(row)  # forwarded as it came
-                    continue
-                name = row[:i]
-                kind = PLAIN
-            else:
-                name = row[:i]
-                found = kind_of.get(name)
-                kind = found if found is not None else self._kinds.classify(name)
+            kind = kinds.row_kind(row, i)
             if kind == PLAIN:
                 # forwarded as it came when usual, else rewritten as llhttp cuts values
-                lines.append(row if canon else name + b": " + row[i + 1 :].lstrip(b" \t"))
+                lines.append(row if canon else row[:i] + b": " + row[i + 1 :].lstrip(b" \t"))
                 continue
+            name = row[:i]
             value = row[i + 2 :] if canon else row[i + 1 :].lstrip(b" \t")
             if kind == HOST:
                 lines.append(name + b": " + value)

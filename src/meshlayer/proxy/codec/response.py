@@ -43,7 +43,7 @@ from meshlayer.proxy.codec.events import (
     split_rows,
     tunnel_from,
 )
-from meshlayer.proxy.codec.fields import CLEN, CONN, PLAIN, TE, kind_table, plain_for_sure
+from meshlayer.proxy.codec.fields import CLEN, CONN, PLAIN, TE, kind_table
 from meshlayer.proxy.codec.request import MAX_HEADER_BYTES, MAX_HEADERS
 from meshlayer.proxy.codec.serialize import NO_TOKENS, named_by_connection
 
@@ -417,22 +417,12 @@ class ResponseParser:
         conn_tokens: frozenset[bytes] = NO_TOKENS
         clen = -1
         te = b""
-        maybe = _KINDS.maybe
         for row in rows:
             i, canon = cut_row(row)
-            if plain_for_sure(maybe, row, i):
-                if canon:
-                    lines.append(row)  # forwarded as it came
-                    continue
-                name = row[:i]
-                kind = PLAIN
-            else:
-                name = row[:i]
-                found = _KIND_OF.get(name)
-                kind = found if found is not None else _KINDS.classify(name)
+            kind = _KINDS.row_kind(row, i)
             if kind == PLAIN:
                 # forwarded as it came when usual, else rewritten as llhttp cuts values
-                lines.append(row if canon else name + b": " + row[i + 1 :].lstrip(b" \t"))
+                lines.append(row if canon else row[:i] + b": " + row[i + 1 :].lstrip(b" \t"))
                 continue
             value = row[i + 2 :] if canon else row[i + 1 :].lstrip(b" \t")
             if kind == CLEN:
