@@ -20,22 +20,34 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py
 	rm -f $(NATIVE)
 	touch $(STAMP)
 
+# Which build imports: fails unless it is the one asked for ($(1): compiled or pure).
+define check_build
+@$(BIN)/python -c "import sys, meshlayer.proxy.exchange as m; \
+  got = 'compiled' if m.__file__.endswith('.so') else 'pure'; \
+  sys.exit(0 if got == '$(1)' else 'meshlayer: the $(1) build was asked for, ' + got + \
+  ' is installed (compiling needs a C compiler and the Python headers; see: ' \
+  'MESHLAYER_MYPYC=1 .venv/bin/pip install -v --no-deps -e .); make PURE=1 runs the sources')"
+endef
+
 # The proxy's hot path compiled with mypyc (setup.py lists the modules), again whenever
 # a source changes: the extensions shadow the .py files, so a stale one would be what runs.
+# The stamp's time is taken before compiling: a source saved meanwhile is newer.
 $(NATIVE): $(STAMP) $(SOURCES)
 	@echo "meshlayer: compiling the proxy's hot path with mypyc (about a minute)"
+	@touch $(NATIVE).new
 	MESHLAYER_MYPYC=1 $(BIN)/python -m pip install -q --no-deps -e .
-	@$(BIN)/python -c "import sys, meshlayer.proxy.exchange as m; \
-	  sys.exit(0 if m.__file__.endswith('.so') else \
-	  'meshlayer: the mypyc build fell back to pure Python (see: MESHLAYER_MYPYC=1 ' \
-	  '.venv/bin/pip install -v --no-deps -e .); make PURE=1 runs without it')"
-	touch $(NATIVE)
+	$(call check_build,compiled)
+	@mv $(NATIVE).new $(NATIVE)
 
 ifeq ($(PURE),)
 build: $(NATIVE)
+	$(call check_build,compiled)
 else
 build: $(STAMP)
-	@[ ! -e $(NATIVE) ] || { $(BIN)/python -m pip install -q --no-deps -e . && rm -f $(NATIVE); }
+	@if [ -n "$$(find src -name '*.so')" ]; then \
+	  MESHLAYER_MYPYC=0 $(BIN)/python -m pip install -q --no-deps -e .; fi
+	@rm -f $(NATIVE)
+	$(call check_build,pure)
 endif
 
 demo: build rabbitmq-server

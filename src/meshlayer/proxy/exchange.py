@@ -98,7 +98,8 @@ def _status_line(status: int, reason: bytes) -> bytes:
     if seen is not None and seen[0] == reason:
         return seen[1]
     line = b"HTTP/1.1 %d %b" % (status, reason)
-    _STATUS_LINES[status] = (reason, line)
+    if len(reason) <= 64:  # an upstream's odd long phrase is formatted, not kept
+        _STATUS_LINES[status] = (reason, line)
     return line
 
 
