@@ -40,7 +40,6 @@ class Settings:
     (the config objects are interpreted dataclasses: every attribute is a lookup)."""
 
     def __init__(self, conf: Service) -> None:
-        self.conf = conf
         self.max_requests = conf.circuit_breaker.max_requests
         self.connect_timeout = conf.timeouts.connect
         self.request_timeout = conf.timeouts.request
