@@ -18,6 +18,7 @@ from meshlayer.config import ConfigError, load_documents
 from meshlayer.config.model import DEFAULT_PRIORITY_CLASSES, Admission, PriorityClass
 from meshlayer.proxy.admission import (
     BURST,
+    TRIAL_RTTS,
     AdaptiveLimit,
     AdmissionControl,
     admission_for,
@@ -692,6 +693,46 @@ def test_a_faster_app_is_found_by_trials() -> None:
     crowd(g, 1, 100, 0.1)  # the trials back off against a one-worker app
     seen = crowd(g, 8, 200, 10.1)  # it gets 8 workers
     assert 12 in seen[-20:]
+
+
+def serve(adm: AdmissionControl, workers: int, seconds: float, service: float = 0.002) -> list[int]:
+    """A destination of ``workers`` with more demand than the limit, sample by sample:
+    each response's latency grows with what is admitted past its workers; completions
+    come ``service / min(limit, workers)`` apart. The limit after each sample."""
+    now, seen = 0.0, []
+    while now < seconds:
+        adm.in_use = adm.limit
+        adm.queued_seen = True  # requests wait beyond the limit
+        now += service / min(adm.limit, workers)
+        adm.sample(service * max(1.0, adm.limit / workers), now)
+        seen.append(adm.limit)
+    return seen
+
+
+def runs_above(seen: list[int], base: int) -> list[int]:
+    """Lengths (in samples) of the stretches where the limit was above ``base``."""
+    return [len(list(g)) for above, g in itertools.groupby(seen, lambda v: v > base) if above]
+
+
+def test_a_failed_upward_trial_ends_as_soon_as_its_latency_shows_it() -> None:
+    """Against a one-worker app a second slot only doubles every request's latency, the
+    top class's too: the trial is called off after TRIAL_RTTS x 2 samples (12 ms here),
+    not kept for its whole window (100 ms, 50 samples)."""
+    adm = adaptive(initial_limit=1, min_limit=1)
+    seen = serve(adm, 1, 20.0)
+    trials = runs_above(seen, 1)
+    assert len(trials) >= 5  # trials ran (and backed off: see the AdaptiveLimit tests)
+    assert max(trials) <= TRIAL_RTTS * 2, trials
+
+
+def test_a_trial_that_pays_keeps_its_window() -> None:
+    """With spare workers the latency stays at the no-load one: nothing is called off,
+    and the limit climbs to the destination's concurrency."""
+    adm = adaptive(initial_limit=1, min_limit=1)
+    seen = serve(adm, 8, 5.0)
+    assert seen[-1] >= 8
+    first = runs_above(seen, 1)[0]
+    assert first >= 50  # the first trial ran its whole window (0.1 s at 2 ms a sample)
 
 
 def test_the_top_class_takes_a_reserved_slot_while_lower_classes_queue() -> None:

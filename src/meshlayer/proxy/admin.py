@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from meshlayer.proxy.codec import ProtocolError, RequestHead
 from meshlayer.proxy.codec.request import RequestParser
@@ -77,9 +77,7 @@ class AdminProtocol(asyncio.Protocol):
                 return _response(200, b"ready\n", text, ka, head)
             return _response(503, b"not ready\n", text, ka, head)
         if path == b"/metrics":
-            return _response(
-                200, generate_latest(st.metrics.registry), CONTENT_TYPE_LATEST.encode(), ka, head
-            )
+            return _response(200, st.metrics.render(), CONTENT_TYPE_LATEST.encode(), ka, head)
         if path == b"/config":
             body = json.dumps(st.config(), indent=2).encode() + b"\n"
             return _response(200, body, b"application/json", ka, head)

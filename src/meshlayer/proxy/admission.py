@@ -29,7 +29,10 @@ maxLimit]``): latency settles at about ``tolerance`` times the no-load
 minimum, and a limit far off is corrected in a window or a few, not smoothed
 over seconds. While the rule holds the limit and requests wait, every few
 windows an *upward trial* adds ``TRIAL_STEP`` of the limit (at least a slot)
-for one window (at least ``TRIAL_RTTS`` latencies long, never closed early):
+for one window (at least ``TRIAL_RTTS`` latencies long; closed early only
+once ``TRIAL_RTTS`` x the limit samples average more than the latency at
+which it cannot pay, ``fail_rtt``: a failed trial makes every class wait,
+the top class too, so it ends in a few latencies, not a window):
 if throughput (``load / rtt``, Little's law: not a count of completions,
 which windows cut mid-burst) grew by at least half as much (relatively) as
 the load did, the destination had room; and if its latency is
@@ -292,6 +295,17 @@ class AdaptiveLimit:
     def _jittered(self) -> float:
         return self.probe_interval * self.rng.uniform(0.75, 1.25)
 
+    def fail_rtt(self) -> float:
+        """During an upward trial, the window's mean latency above which it cannot pay:
+        ``update``'s rule solved for the latency with every slot taken (a load below
+        the limit, or a latency above twice the one before, pays even less). Else inf."""
+        if not self.trial_base or self.trial_rate <= 0.0 or self.trial_load <= 0.0:
+            return math.inf
+        grew = self.limit / self.trial_load - 1
+        if grew <= 0.05:
+            return math.inf
+        return self.limit / (self.trial_rate * (1 + TRIAL_GAIN * grew))
+
     def update(
         self,
         rtt: float,
@@ -400,6 +414,7 @@ class AdmissionControl:
         "congested",
         "direction",
         "drops",
+        "early_n",
         "in_use",
         "last_done",
         "limit",
@@ -450,8 +465,10 @@ class AdmissionControl:
         self.service_time = 0.0
         """Mean latency from admission to response head (seconds; 0: not measured yet)."""
         self.congested = math.inf
-        """Adaptive: a window whose mean latency passes this closes at once (at least
-        ``MIN_SAMPLES`` samples): ``CONGESTED`` x tolerance x the no-load latency."""
+        """Adaptive: a window whose mean latency passes this closes at once (with at
+        least ``early_n`` samples): ``CONGESTED`` x tolerance x the no-load latency, or
+        in an upward trial the latency at which it cannot pay (``fail_rtt``)."""
+        self.early_n = MIN_SAMPLES
         self.last_done = 0.0
         """When a slot last changed hands (0: never): while all are taken, how long the
         destination has made no progress."""
@@ -509,8 +526,8 @@ class AdmissionControl:
         if now >= self.window_end:
             if self.rtt_n >= MIN_SAMPLES or not self.service_time:
                 self._close_window(now)
-        elif self.rtt_sum > self.congested * self.rtt_n and self.rtt_n >= MIN_SAMPLES:
-            self._close_window(now)  # heavy congestion: act on these samples now
+        elif self.rtt_sum > self.congested * self.rtt_n and self.rtt_n >= self.early_n:
+            self._close_window(now)  # heavy congestion, or a trial that failed: act now
 
     def _close_window(self, now: float) -> None:
         n = self.rtt_n
@@ -535,9 +552,13 @@ class AdmissionControl:
         if a is None or n < MIN_SAMPLES:
             return
         limit = max(1, round(a.update(rtt, load, queued, now, clean)))
+        self.early_n = MIN_SAMPLES
         if a.trial_base:  # a trial: long enough for the added slots to show in completions
             self.window_end = now + max(self.window, TRIAL_RTTS * rtt)
-            self.congested = math.inf
+            # ... but called off once its latency shows it cannot pay: every request
+            # of every class waits longer while a destination holds more than it serves
+            self.congested = a.fail_rtt()
+            self.early_n = max(MIN_SAMPLES, TRIAL_RTTS * limit)
         elif a.min_rtt and not a.probing:
             self.congested = CONGESTED * a.tolerance * a.min_rtt
         else:

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.openmetrics.exposition import escape_label_name, escape_metric_name
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString as _untyped_go_float
 
 from meshlayer.proxy.admission import DELAY_BUCKETS
 
@@ -24,6 +26,12 @@ if TYPE_CHECKING:
 # the request-duration histogram: admission's delay buckets and one for slow responses
 BUCKETS: Final[tuple[float, ...]] = (*DELAY_BUCKETS, 30.0)  # variable-length: indexed in place
 STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# Prometheus text format families whose extra samples go in a gauge family of their own
+OM_SUFFIXES: Final = ("_created", "_gsum", "_gcount")
+TYPE_NAMES: Final = {"info": "gauge", "stateset": "gauge", "gaugehistogram": "histogram",
+                     "unknown": "untyped"}  # fmt: skip
+go_float: Final[Callable[[float], str]] = _untyped_go_float  # Go's float format (+Inf, 1e+06)
+MAX_CACHED: Final = 20000  # sample names cached by the exposition before it starts afresh
 
 
 class RouteMetrics:
@@ -188,11 +196,95 @@ class _PlainCounters(Collector):
         return []
 
 
+class Exposition:
+    """The Prometheus text format (0.0.4) of a registry: byte for byte what
+    ``prometheus_client.generate_latest`` writes, at a fraction of its cost.
+
+    A scrape runs on the sidecar's one event loop, so while it renders no
+    request moves: ``generate_latest`` validates and escapes every label of
+    every sample on every scrape (about 1 ms for a sidecar's ~150 samples,
+    measured; the priority benchmark saw each scrape stall the app's core).
+    Here the text before each value (``name{labels}``) is made once per
+    sample identity, by the same escaping functions, and cached; values of
+    the common kind (finite, not negative, below 1e6: Go and Python print
+    them alike) are formatted directly, the rest by prometheus_client's own
+    ``floatToGoString``.
+    """
+
+    __slots__ = ("_heads", "_prefixes")
+
+    def __init__(self) -> None:
+        self._prefixes: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        self._heads: dict[tuple[str, str, str], tuple[str, str]] = {}
+
+    def render(self, registry: Collector) -> bytes:
+        out: list[str] = []
+        prefixes = self._prefixes
+        if len(prefixes) > MAX_CACHED:  # label values that come and go: start afresh
+            prefixes.clear()
+            self._heads.clear()
+        for metric in registry.collect():
+            head, om_head = self._head(metric.name, metric.type, metric.documentation)
+            out.append(head)
+            om: dict[str, list[str]] = {}
+            for s in metric.samples:
+                key = (s.name, tuple(s.labels.items()))
+                prefix = prefixes.get(key)
+                if prefix is None:
+                    prefix = prefixes[key] = _prefix(s.name, s.labels)
+                v = s.value
+                value = repr(float(v)) if 0 <= v < 1e6 else go_float(v)
+                if s.timestamp is not None:
+                    value += f" {int(float(s.timestamp) * 1000):d}"
+                line = f"{prefix} {value}\n"
+                suffix = s.name[len(metric.name) :] if s.name.startswith(metric.name) else ""
+                if suffix in OM_SUFFIXES:
+                    om.setdefault(suffix, []).append(line)
+                else:
+                    out.append(line)
+            for suffix, lines in sorted(om.items()):
+                name = escape_metric_name(metric.name + suffix)
+                out.append(f"# HELP {name} {om_head}\n# TYPE {name} gauge\n")
+                out.extend(lines)
+        return "".join(out).encode()
+
+    def _head(self, name: str, mtype: str, doc: str) -> tuple[str, str]:
+        """The HELP and TYPE lines of a family, and its escaped documentation."""
+        key = (name, mtype, doc)
+        head = self._heads.get(key)
+        if head is None:
+            if mtype == "counter":
+                name += "_total"
+            elif mtype == "info":
+                name += "_info"
+            mtype = TYPE_NAMES.get(mtype, mtype)
+            help_ = doc.replace("\\", r"\\").replace("\n", r"\n")
+            name = escape_metric_name(name)
+            head = self._heads[key] = (f"# HELP {name} {help_}\n# TYPE {name} {mtype}\n", help_)
+        return head
+
+
+def _prefix(name: str, labels: dict[str, str]) -> str:
+    """``name{label="value",...}`` of one sample, labels sorted and escaped as the
+    text format wants (label values may be any UTF-8)."""
+    if not labels:
+        return escape_metric_name(name)
+    pairs = ",".join(
+        '{}="{}"'.format(
+            escape_label_name(k),
+            v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\""),
+        )
+        for k, v in sorted(labels.items())
+    )
+    return f"{escape_metric_name(name)}{{{pairs}}}"
+
+
 class Metrics:
     """All metrics of one sidecar, in their own registry."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self._exposition = Exposition()
         self._routes: dict[tuple[str, str, str, str], RouteMetrics] = {}
         r.register(_RouteCollector(self._routes))
         self.connections = Gauge(
@@ -241,6 +333,10 @@ class Metrics:
             "1 while the watch stream to the control plane is open",
             registry=r,
         )
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format (``/metrics``)."""
+        return self._exposition.render(self.registry)
 
     def route(
         self, direction: str, source: str, destination: str, priority: str = "default"
