@@ -7,8 +7,13 @@ The proof of issue 5 as a benchmark (not a timed test).  What runs, per mode::
     (CPU 1)      (CPU 0)                (CPU 0)               (CPU 0)
 
 * ``priority`` -- two meshlayer sidecars (``--priority on``): the client's outbound
-  listener, and the app's inbound listener with its admission queue (``spec.inbound
-  .concurrency`` left at its default, ``adaptive``);
+  listener with its admission to the app's service (``spec.outbound.concurrency:
+  adaptive``, ``--outbound-concurrency``; the default is ``unlimited``), and the app's
+  inbound listener with its admission queue (``spec.inbound.concurrency`` at its
+  default, ``adaptive``).  Admission at the caller sheds what the destination cannot
+  take before it crosses to the destination's sidecar, whose CPU is the app's (DAGOR's
+  collaborative admission, by each caller's own measure); the inbound side still
+  guards the app from callers that do not;
 * ``fifo``     -- the same two sidecars with ``--priority off`` (one class, one queue);
 * ``nginx``    -- nginx as both proxies (1 worker each, upstream keep-alive): FIFO.
 
@@ -145,6 +150,7 @@ spec:
   loadBalancer: round-robin
   retries: {{attempts: 0}}
   inbound: {{concurrency: {concurrency}}}
+  outbound: {{concurrency: {out_concurrency}}}
   endpoints:
     - {{address: "127.0.0.1:{port}", meshed: true}}
 """
@@ -221,6 +227,14 @@ class Env:
     rt: bool
     concurrency: str = "adaptive"
     """``spec.inbound.concurrency`` of the meshlayer sidecars (``--inbound-concurrency``)."""
+    out_concurrency: str = "adaptive"
+    """``spec.outbound.concurrency`` of the services (``--outbound-concurrency``)."""
+
+    def service(self, name: str, port: int) -> str:
+        """The ``Service`` document of ``name`` (its sidecar's inbound on ``port``)."""
+        return MESH_SERVICE.format(
+            name=name, port=port, concurrency=self.concurrency, out_concurrency=self.out_concurrency
+        )
 
     def pin(self, cmd: list[str], cpu: int | None = None, rt: bool = False) -> list[str]:
         """``cmd`` on the services' CPU (or ``cpu``), at the benchmark's nice level, or
@@ -334,7 +348,7 @@ def start_chain(env: Env, mode: str) -> Stack:
             start_nginx(env, stack, "nginx-client", [(stack.port, inbound)])
         else:
             cfg = env.tmp / f"chain-{mode}.yaml"
-            text = MESH_SERVICE.format(name=APP_HOST, port=inbound, concurrency=env.concurrency)
+            text = env.service(APP_HOST, inbound)
             cfg.write_text(text)
             start_sidecar(env, stack, mode, APP_HOST, cfg, stack.leaf_port, inbound, free_port())
             start_sidecar(env, stack, mode, "client", cfg, 9, free_port(), stack.port)
@@ -361,11 +375,7 @@ def start_graph(env: Env, mode: str) -> Stack:
             start_nginx(env, stack, "nginx-client", [(stack.port, a_in)])
         else:
             cfg = env.tmp / f"graph-{mode}.yaml"
-            cfg.write_text(
-                MESH_SERVICE.format(name="a", port=a_in, concurrency=env.concurrency)
-                + "---\n"
-                + MESH_SERVICE.format(name="b", port=b_in, concurrency=env.concurrency)
-            )
+            cfg.write_text(env.service("a", a_in) + "---\n" + env.service("b", b_in))
             start_sidecar(env, stack, mode, "b", cfg, stack.leaf_port, b_in, free_port())
             start_sidecar(env, stack, mode, "a", cfg, a_port, a_in, a_out)
             start_sidecar(env, stack, mode, "client", cfg, 9, free_port(), stack.port)
@@ -486,7 +496,7 @@ def run_load(
 
 
 class AdmissionSampler:
-    """Reads the sidecars' inbound concurrency limits and shed counters once a second."""
+    """Reads the sidecars' concurrency limits and shed counters once a second."""
 
     LINE = re.compile(r"^(meshlayer_concurrency_limit|meshlayer_shed_total)\{([^}]*)\} (\S+)")
     LABEL = re.compile(r'(\w+)="([^"]*)"')
@@ -527,16 +537,17 @@ class AdmissionSampler:
                 labels = dict(self.LABEL.findall(m.group(2)))
                 value = float(m.group(3))
                 if m.group(1) == "meshlayer_concurrency_limit":
-                    if labels.get("direction") == "inbound":
-                        self.limits.setdefault(labels.get("service", "?"), []).append(value)
+                    key = f"{labels.get('service', '?')} {labels.get('direction', '?')}"
+                    self.limits.setdefault(key, []).append(value)
                 else:
                     key = " ".join(labels.get(k, "?") for k in ("direction", "service", "priority"))
                     self.shed[key] = value
 
     def summary(self) -> dict[str, Any]:
-        """Per service: the inbound limit's min/median/max; shed totals by direction/class."""
+        """Per "service direction": the limit's min/median/max; shed totals by
+        direction/class."""
         return {
-            "inbound_limit": {
+            "limit": {
                 svc: [min(v), statistics.median(v), max(v)] for svc, v in self.limits.items() if v
             },
             "shed": {k: v for k, v in self.shed.items() if v},
@@ -636,11 +647,11 @@ def fetch_json(port: int, path: str) -> dict[str, Any]:
 
 
 def admission_note(run: Run) -> str:
-    """``; inbound limit min/median/max ...; shed critical N batch N`` (meshlayer runs)."""
+    """``; app inbound limit min/median/max ...; shed ... N`` (meshlayer runs)."""
     adm = run.diag.get("admission") or {}
     parts = []
-    for svc, (lo, med, hi) in adm.get("inbound_limit", {}).items():
-        parts.append(f"{svc} inbound limit {lo:g}/{med:g}/{hi:g}")
+    for key, (lo, med, hi) in adm.get("limit", {}).items():
+        parts.append(f"{key} limit {lo:g}/{med:g}/{hi:g}")
     shed = adm.get("shed", {})
     if shed:
         parts.append("shed " + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(shed.items())))
@@ -864,6 +875,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="adaptive",
         help="spec.inbound.concurrency of the meshlayer sidecars: adaptive (default), N, unlimited",
     )
+    p.add_argument(
+        "--outbound-concurrency",
+        default="adaptive",
+        help="spec.outbound.concurrency of the services (admission at the caller's sidecar): "
+        "adaptive (default here; meshlayer's own default is unlimited), N, unlimited",
+    )
     p.add_argument("--conns", type=int, default=2000, help="client connections (default 2000)")
     p.add_argument("--timeout", type=float, default=1.0, help="client timeout s (default 1)")
     p.add_argument("--no-graph", action="store_true", help="skip the call-graph case")
@@ -943,7 +960,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         env = Env(tools, tmp, python, prioload, args.svc_cpu, args.load_cpu, args.cost_ms,
                   args.conns, args.timeout, flag, args.quiet_wait, args.nice, args.rt,
-                  args.inbound_concurrency)  # fmt: skip
+                  args.inbound_concurrency, args.outbound_concurrency)  # fmt: skip
         try:
             report = run_all(env, args, modes, results)
         finally:
@@ -954,7 +971,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"meshlayer priority benchmark — {started}, {elapsed / 60:.1f} min; app {args.cost_ms:g} "
         f"ms CPU/request, concurrency 1; services + proxies on CPU {args.svc_cpu}, load on CPU "
         f"{args.load_cpu}; {args.duration:g} s per run, client timeout {args.timeout:g} s, "
-        f"{args.conns} connections; sidecars' inbound concurrency {args.inbound_concurrency}; "
+        f"{args.conns} connections; sidecars' concurrency: inbound "
+        f"{args.inbound_concurrency}, outbound {args.outbound_concurrency}; "
         f"meshlayer build: {build_of(python)}"
     )
     print(report)
