@@ -615,11 +615,45 @@ def test_removed_classes_are_forgotten_once_empty() -> None:
     crit, batch = t.by_name["critical"], t.by_name["batch"]
     assert enter(adm, W(crit, 0.0), 0.0) is None
     assert adm.arrive(W(batch, 0.0), batch, 0.0) is None
-    adm.keep_classes({"critical", "default"})
+    kept = [crit, t.by_name["default"]]
+    adm.keep_classes(kept)
     assert [q.name for q in adm.classes()] == ["batch"]  # still has a waiter
     adm.release(0.01)
-    adm.keep_classes({"critical", "default"})
+    adm.keep_classes(kept)
     assert list(adm.classes()) == []
+    default = t.by_name["default"]
+    assert adm.arrive(W(default, 0.1), default, 0.1) is None
+    adm.release(0.2)  # admitted: its queue is empty now
+    adm.keep_classes([], keep=("default",))  # a name kept without a class (--priority off)
+    assert [q.name for q in adm.classes()] == ["default"]
+    adm.keep_classes([])
+    assert list(adm.classes()) == []
+
+
+def test_a_reload_reorders_waiting_queues_at_once() -> None:
+    """Ranks swapped by a reload apply to requests already waiting: the dispatch order
+    and the top class's reserved slots follow the new table, not each class's next
+    arrival."""
+    adm = adaptive(initial_limit=1, min_limit=1)
+    t = table()
+    crit, batch = t.by_name["critical"], t.by_name["batch"]
+    assert enter(adm, W(batch, 0.0), 0.0) is None  # holds the one slot
+    order: list[W] = []
+    waiting = [W(crit, 0.0, order), W(batch, 0.0, order)]
+    adm.in_use = adm.limit + adm.reserve  # every slot taken, the reserved ones too
+    for w in waiting:
+        assert adm.arrive(w, w.cls, 0.0) is None
+    swapped = {
+        c.name: replace(c, rank={"critical": 10, "batch": 1000}.get(c.name, c.rank))
+        for c in DEFAULT_PRIORITY_CLASSES
+    }
+    new = ClassTable(swapped)
+    adm.keep_classes(new.ordered)
+    assert [q.name for q in adm.classes()] == ["batch", "critical"]
+    assert next(q for q in adm.classes() if q.name == "critical").top is False
+    adm.in_use = 1  # the reserved slots free up; the one shared slot is still taken
+    adm.release(0.1)
+    assert order == [waiting[1]]  # batch, the top class now, took a slot first
 
 
 def test_reconfigure_keeps_slots_and_queues() -> None:

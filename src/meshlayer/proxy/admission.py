@@ -900,13 +900,22 @@ class AdmissionControl:
             self._purge(q)
         return True
 
-    def keep_classes(self, names: Collection[str]) -> None:
-        """The class table changed: forget the queues of classes no longer defined
-        (once they are empty; a queue with waiters stays until they are gone)."""
-        gone = [q for q in self.order if q.name not in names and not q.count]
-        for q in gone:
-            self.order.remove(q)
-            del self.queues[q.name]
+    def keep_classes(self, classes: Collection[PriorityLike], keep: Collection[str] = ()) -> None:
+        """The class table changed to ``classes``: their queues take the new settings
+        now, not at their class's next arrival (until then a queue would keep its old
+        rank in the dispatch order, and a class no longer the top its reserved slots);
+        the queues of classes no longer defined (nor named in ``keep``) are forgotten
+        once empty (a queue with waiters stays until they are gone)."""
+        by_name = {c.name: c for c in classes}
+        for q in list(self.order):
+            cls = by_name.get(q.name)
+            if cls is not None:
+                if not q.matches(cls):
+                    q.update(cls)
+            elif q.name not in keep and not q.count:
+                self.order.remove(q)
+                del self.queues[q.name]
+        self.order.sort(key=lambda c: -c.rank)
 
     def tick(self, now: float) -> None:
         """Periodic (the sidecar's sweeper): trims late queues, notices shedding stopped."""

@@ -29,6 +29,7 @@ from meshlayer.config.model import Admission, MeshConfig, PriorityClass, Service
 from meshlayer.config.priority import by_rank
 from meshlayer.proxy.admission import admission_for
 from meshlayer.proxy.balancer import Balancer
+from meshlayer.proxy.classes import FALLBACK, ClassTable
 from meshlayer.proxy.errors import MeshError
 from meshlayer.proxy.pool import ClassPools, ServicePool
 from meshlayer.proxy.resilience import RetryBudget
@@ -87,8 +88,8 @@ class ServiceRuntime:
         self.fifo = fifo
         """``--priority off``: one pool for all classes (and one queue, for admission)."""
         self.class_pools.set_classes(by_rank(classes.values()), fifo)
-        if self.admission is not None:  # queues of removed classes go once empty
-            self.admission.keep_classes(classes.keys() if classes else ("default",))
+        if self.admission is not None:  # new settings now; removed classes go once empty
+            self.admission.keep_classes(ClassTable(classes).ordered if classes else (), (FALLBACK,))
 
     def _admission_spec(self) -> Admission:
         svc = self.service
