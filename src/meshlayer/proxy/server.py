@@ -302,6 +302,7 @@ class DownstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.parser.close()
         self.listener.connections.discard(self)
         self.listener._gauge.dec()
         queue = self.queue

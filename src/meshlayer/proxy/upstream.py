@@ -149,6 +149,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.parser.close()
         self.pool.on_closed(self)
         ex = self.exchange
         self.exchange = None
