@@ -212,6 +212,8 @@ class ControlClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._save_lock = asyncio.Lock()
         self._acks: set[asyncio.Task[None]] = set()
+        self._ack_task: asyncio.Task[None] | None = None  # the reports' sender (``_ack``)
+        self._ack_next: tuple[int, str | None] | None = None  # the report it sends next
         self._effective: dict[str, Any] | None = saved
         """The snapshot data the config in force was built from (carried endpoints included)."""
         self._latest: str | None = None
@@ -507,9 +509,22 @@ class ControlClient:
         self._ack(version, error)
 
     def _ack(self, version: int, error: str | None) -> None:
-        task = asyncio.get_running_loop().create_task(self._send_ack(version, error))
-        self._acks.add(task)
-        task.add_done_callback(self._acks.discard)
+        """Report ``version`` (and a rejection's ``error``) to the control plane. One
+        report is in flight at a time and the newest waiting one goes next: two reports
+        sent at once (two versions applied milliseconds apart) could arrive in either
+        order, and the control plane would keep the older one as this sidecar's version
+        (seen once in ``make demo``: the gateway applied 10, the control plane showed 9)."""
+        self._ack_next = (version, error)
+        if self._ack_task is None or self._ack_task.done():
+            task = self._ack_task = asyncio.get_running_loop().create_task(self._send_acks())
+            self._acks.add(task)
+            task.add_done_callback(self._acks.discard)
+
+    async def _send_acks(self) -> None:
+        while self._ack_next is not None:
+            version, error = self._ack_next
+            self._ack_next = None
+            await self._send_ack(version, error)
 
     async def _send_ack(self, version: int, error: str | None) -> None:
         path = f"/v1/status/{quote(self.sidecar_id)}"
