@@ -406,12 +406,18 @@ def test_starts_from_saved_config_while_control_plane_is_down(
         assert (status, body) == (200, b"catalog")
 
 
-def connected(ctl: Control, sidecar: str) -> bool | None:
-    """``connected`` of one sidecar in ``GET /v1/status`` asked of ``ctl`` (None: not listed)."""
+def sidecar_status(ctl: Control, sidecar: str) -> dict[str, Any] | None:
+    """One sidecar's entry in ``GET /v1/status`` asked of ``ctl`` (None: not listed)."""
     for s in ctl.api("GET", "/v1/status")[1]["sidecars"]:
         if s["sidecar"] == sidecar:
-            return bool(s["connected"])
+            return dict(s)
     return None
+
+
+def connected(ctl: Control, sidecar: str) -> bool | None:
+    """``connected`` of one sidecar in ``GET /v1/status`` asked of ``ctl`` (None: not listed)."""
+    st = sidecar_status(ctl, sidecar)
+    return None if st is None else bool(st["connected"])
 
 
 def test_check_counts_streams_held_by_another_control_process(cluster: Cluster, store: str) -> None:
@@ -521,10 +527,8 @@ def test_sidecar_without_config_or_control_refuses_to_start(tmp_path: Path) -> N
 
 def reported_version(ctl: Control, sidecar: str) -> int | None:
     """The version ``sidecar`` last reported applied, per ``GET /v1/status``."""
-    for s in ctl.api("GET", "/v1/status")[1]["sidecars"]:
-        if s["sidecar"] == sidecar:
-            return int(s["applied"])
-    return None
+    st = sidecar_status(ctl, sidecar)
+    return None if st is None else int(st["applied"])
 
 
 def test_the_control_plane_ends_with_the_last_version_of_a_burst(

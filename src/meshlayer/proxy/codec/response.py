@@ -106,10 +106,7 @@ class ResponseParser:
         """``blocks``: take each head in one block rather than field by field
         (default: when compiled)."""
         self._blocks = _NATIVE if blocks is None else blocks
-        self._parser = self._new_parser()
-        self._feed = self._parser.feed_data
-        """The parser's ``feed_data``, looked up once per parser."""
-        self._keep_alive_of = self._parser.should_keep_alive
+        self._use(self._new_parser())
         self._events: list[object] = []
         self._raised: ProtocolError | None = None
         self._expecting = False
@@ -168,15 +165,17 @@ class ResponseParser:
             return self._state == _TO_CLOSE
         return self._in_body and self._clen < 0 and not self._te
 
+    def _use(self, parser: httptools.HttpResponseParser) -> None:
+        """Parse with ``parser`` (its ``feed_data`` and ``should_keep_alive`` looked up
+        once, here)."""
+        self._parser = parser
+        self._feed = parser.feed_data
+        self._keep_alive_of = parser.should_keep_alive
+
     def close(self) -> None:
-        """The connection is gone. httptools' parser holds this one's bound callbacks
-        and this one holds it: a reference cycle, left to the cyclic collector, whose
-        full collections then grow with every closed connection (2,000 connections
-        closed at once: one 14 ms pause, 18,542 objects, measured). A parser without
-        callbacks takes its place, and both are freed as soon as they are dropped."""
-        self._parser = httptools.HttpResponseParser(Callbacks())
-        self._feed = self._parser.feed_data
-        self._keep_alive_of = self._parser.should_keep_alive
+        """The connection is gone: ``RequestParser.close``, for responses (the same
+        reference cycle through httptools' parser, broken the same way)."""
+        self._use(httptools.HttpResponseParser(Callbacks()))
 
     def feed(self, data: bytes) -> list[object]:
         """Parse ``data``; return the events it completes."""
@@ -374,9 +373,7 @@ class ResponseParser:
         if self._head_request and not (100 <= status < 200):
             # llhttp would wait for a body: end the message here and start afresh.
             self._finish(keep_alive, None)
-            self._parser = self._new_parser()
-            self._feed = self._parser.feed_data
-            self._keep_alive_of = self._parser.should_keep_alive
+            self._use(self._new_parser())
 
     def _final(self, status: int) -> bool:
         """Whether the response that just ended, with ``status``, is the final one: an
@@ -478,9 +475,7 @@ class ResponseParser:
         if head_request and not (100 <= status < 200):
             # llhttp would wait for a body: end the message here and start afresh.
             self._finish(keep_alive, None)
-            self._parser = self._new_parser()
-            self._feed = self._parser.feed_data
-            self._keep_alive_of = self._parser.should_keep_alive
+            self._use(self._new_parser())
 
     def on_body(self, body: bytes) -> None:
         self._events.append(Body(body))
