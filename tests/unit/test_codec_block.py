@@ -28,6 +28,7 @@ from meshlayer.proxy.codec import (
 from meshlayer.proxy.codec.block import native, take_head
 from meshlayer.proxy.codec.chunked import TOO_LARGE, ChunkedEnd
 from meshlayer.proxy.codec.events import split_rows
+from meshlayer.proxy.codec.serialize import without
 
 # Every test here runs with heads taken field by field and in one block (conftest).
 pytestmark = pytest.mark.usefixtures("parser_mode")
@@ -275,14 +276,46 @@ def test_lines_are_name_colon_space_value_whatever_the_spacing_sent() -> None:
     data = b"GET / HTTP/1.1\r\nHost:a\r\nX:  b  \r\nY:\tc\r\nZ:\r\nV: \r\nU: u\r\n\r\n"
     (head, _) = RequestParser().feed(data)
     assert isinstance(head, RequestHead)
-    assert head.lines == [b"Host: a", b"X: b  ", b"Y: c", b"Z: ", b"V: ", b"U: u"]
+    assert _rows(head.lines) == [b"Host: a", b"X: b  ", b"Y: c", b"Z: ", b"V: ", b"U: u"]
     assert head.host == b"a"
     data = b"HTTP/1.1 200 OK\r\nA:1\r\nB:  2\r\nContent-Length:\t0\r\n\r\n"
     p = ResponseParser()
     p.expect(b"GET")
     resp = p.feed(data)[0]
     assert isinstance(resp, ResponseHead)
-    assert resp.lines == [b"A: 1", b"B: 2"] and resp.content_length == 0
+    assert _rows(resp.lines) == [b"A: 1", b"B: 2"] and resp.content_length == 0
+
+
+def _rows(lines: list[bytes]) -> list[bytes]:
+    """Header lines one per item (the block parser hands on runs of lines in one item)."""
+    return [row for line in lines for row in line.split(b"\r\n")]
+
+
+def test_rows_that_travel_as_received_go_as_one_slice_in_order() -> None:
+    """Consecutive canonical rows are one item; a rewritten row, a dropped one or a
+    framing one ends the run, and the order of the lines is kept."""
+    data = (
+        b"GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\nKeep-Alive: 5\r\nC: 3\r\n"
+        b"D:  4\r\nE: 5\r\nContent-Length: 0\r\nF: 6\r\nExpect: x\r\n\r\n"
+    )
+    (head, _) = RequestParser(blocks=True).feed(data)
+    assert isinstance(head, RequestHead)
+    assert head.lines == [
+        b"Host: a\r\nA: 1\r\nB: 2",
+        b"C: 3",
+        b"D: 4",
+        b"E: 5",
+        b"F: 6\r\nExpect: x",
+    ]
+    assert head.host == b"a" and head.content_length == 0 and not head.expect_continue
+    assert head.headers[3] == (b"Keep-Alive", b"5") and len(head.headers) == 10
+    p = ResponseParser(blocks=True)
+    p.expect(b"GET")
+    data = b"HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\nConnection: B\r\nContent-Length: 0\r\n\r\n"
+    (resp, _) = p.feed(data)
+    assert isinstance(resp, ResponseHead)
+    assert resp.lines == [b"A: 1\r\nB: 2"] and resp.conn_tokens == frozenset({b"b"})
+    assert without(resp.lines, resp.conn_tokens) == [b"A: 1"]
 
 
 def test_interpreted_modules_say_so() -> None:

@@ -6,19 +6,26 @@ llhttp validates the head just the same either way (the strictness lives in
 its state machine, not in the callbacks). In block mode the parsers give
 httptools a ``Callbacks`` object without ``on_header`` (nor ``on_url``,
 ``on_status``, ``on_message_begin``): llhttp checks every byte of the head and
-calls ``on_headers_complete`` once, and the parser then takes the head block
-it already holds, which llhttp has just accepted, splits it into rows with one
-``split`` and classifies the rows by name itself.
+calls ``on_headers_complete`` once, and the parser then walks the head, which
+llhttp has just accepted, row by row itself (``scan_fields``).
 
-Because llhttp accepted the block, its shape is known: a start line, then
+Because llhttp accepted the head, its shape is known: a start line, then
 ``name ":" OWS value CRLF`` rows with token names and values free of CR and
-LF (obs-fold and bare CR/LF are refused), then an empty line: the first
-CRLF CRLF after the start. Values are cut as llhttp cuts them: leading spaces
-and tabs dropped, trailing ones kept.
+LF (obs-fold and bare CR/LF are refused), then an empty line: the first CR
+after a row's start ends it, and a row that starts with CR is the empty line.
+Values are cut as llhttp cuts them: leading spaces and tabs dropped, trailing
+ones kept.
+
+The walk makes no object per row for the usual fields: consecutive rows that
+travel on as they came (``name ": " value``, of a kind that is forwarded) are
+handed on as one slice of the head, CRLFs included, so a head of plain fields
+costs one slice however many rows it has; only the rows whose values the
+parser needs (framing, Host, Connection ...) are cut out, and the full list
+of fields (``headers``) is made from the block only when someone asks.
 
 Block mode is what the mypyc build uses (``native`` tells a module how it
-runs): there a call from C into compiled code is dear and the rows are cut by
-index loops that compile to a few instructions per byte (a ``bytes`` method
+runs): there a call from C into compiled code is dear and the rows are walked
+by index loops that compile to a few instructions per byte (a ``bytes`` method
 is a generic call costing about a thousand). Interpreted, the other way round:
 httptools' C splitting plus one Python call per field is cheaper than any
 splitting in Python, so interpreted parsers take heads field by field.
@@ -29,6 +36,8 @@ from __future__ import annotations
 import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
+
+from meshlayer.proxy.codec.fields import DROPPED, EXPECT, HOST, PLAIN, KindTable
 
 if TYPE_CHECKING:  # annotations only: nothing to import at run time, compiled or not
     from mypy_extensions import i64
@@ -69,15 +78,66 @@ def take_head(carry: bytearray, data: bytes, mark: int) -> tuple[bytes, int]:
     return data[mark:end], end
 
 
-def head_block(carry: bytearray, data: bytes, mark: int) -> tuple[bytes, int]:
-    """``take_head`` for a parser's ``on_headers_complete``, with the usual case
-    first (the whole head in this feed, at ``mark``); empties ``carry``."""
-    if carry or data[mark] == 13 or data[mark] == 10:
-        taken = take_head(carry, data, mark)
-        carry.clear()
-        return taken
-    end = data.find(END, mark) + 4
-    return (data if mark == 0 and end == len(data) else data[mark:end]), end
+def line_end(data: bytes, pos: int) -> int:
+    """The index of the CR ending the line that starts at ``pos`` (in a head llhttp
+    has accepted, every line ends in CRLF and holds no other CR)."""
+    i: i64 = pos
+    while data[i] != 13:
+        i += 1
+    return int(i)
+
+
+def scan_fields(
+    data: bytes, pos: int, kinds: KindTable, lines: list[bytes], wanted: list[bytes]
+) -> tuple[int, int]:
+    """Walk the field rows of an accepted head from ``pos`` (the first row, just
+    after the start line) through the empty line; return the index just past the
+    head and the number of rows.
+
+    ``lines`` gets what travels on, in order: each run of consecutive canonical rows
+    (``name ": " value``) whose kind travels as it came (PLAIN, HOST, EXPECT) as one
+    slice, rows joined by CRLF as received; such a row that is not canonical,
+    rewritten as llhttp cuts it (``name ": " value``). ``wanted`` gets every row
+    whose value the parser needs (any kind but PLAIN and DROPPED), as received.
+    """
+    i: i64 = pos
+    run: i64 = -1  # where the current run of rows travelling as received starts
+    run_end: i64 = 0
+    rows = 0
+    while data[i] != 13:  # a row; the empty line starts with CR
+        start = i
+        while data[i] != 58:
+            i += 1
+        colon = i
+        c = data[i + 1]
+        canon = c == 32
+        if canon:
+            c = data[i + 2]
+            canon = c != 32 and c != 9
+        i += 1
+        while data[i] != 13:
+            i += 1
+        rows += 1
+        kind = kinds.kind_at(data, int(start), int(colon))
+        if kind in (PLAIN, HOST, EXPECT):
+            if canon:
+                if run < 0:
+                    run = start
+                run_end = i
+            else:
+                if run >= 0:
+                    lines.append(data[run:run_end])
+                    run = -1
+                lines.append(data[start:colon] + b": " + data[colon + 1 : i].lstrip(b" \t"))
+        elif run >= 0:
+            lines.append(data[run:run_end])
+            run = -1
+        if kind != PLAIN and kind != DROPPED:
+            wanted.append(data[start:i])
+        i += 2
+    if run >= 0:
+        lines.append(data[run:run_end])
+    return int(i) + 2, rows
 
 
 V11: Final = b"1.1"

@@ -21,6 +21,13 @@ def split_rows(rows: list[bytes]) -> Headers:
     return out
 
 
+def block_fields(block: bytes, at: int) -> Headers:
+    """The fields of a head ``block`` (start line, rows, empty line) whose first row
+    starts at ``at``."""
+    end = len(block) - 4
+    return split_rows(block[at:end].split(b"\r\n")) if at <= end else []
+
+
 # How a message's body is delimited.
 NO_BODY: Final = 0  # no body at all
 LENGTH: Final = 1  # Content-Length
@@ -33,16 +40,17 @@ class RequestHead:
 
     __slots__ = (
         "_headers",
+        "block",
         "conn_tokens",
         "content_length",
         "expect_continue",
+        "fields_at",
         "framing",
         "host",
         "keep_alive",
         "lines",
         "method",
         "picked",
-        "rows",
         "target",
         "transfer_encoding",
         "upgrade",
@@ -50,16 +58,18 @@ class RequestHead:
     )
 
     lines: list[bytes]
-    """Header lines (``name: value``) that may travel to the next hop: hop-by-hop
-    fields, framing fields and the parser's watched names are left out (fields
-    named in ``conn_tokens`` still need removing)."""
+    """Header lines (``name: value``) that may travel to the next hop, in order:
+    hop-by-hop fields, framing fields and the parser's watched names are left out
+    (fields named in ``conn_tokens`` still need removing). An item may hold several
+    consecutive lines joined by CRLF, as received (``block.scan_fields``)."""
     picked: dict[bytes, bytes]
     """Values of the parser's watched fields by lower-cased name (repeats joined by ", ")."""
     conn_tokens: frozenset[bytes]
     """Field names listed in Connection other than close, keep-alive and upgrade."""
-    rows: list[bytes]
-    """The header section's lines as received (``name:`` OWS ``value``), from
-    which ``headers`` is made when first asked for."""
+    block: bytes
+    """The head as received (block mode), from which ``headers`` is made when first
+    asked for; its first field row starts at ``fields_at``."""
+    fields_at: int
 
     def __init__(
         self,
@@ -99,15 +109,16 @@ class RequestHead:
         self.lines = []
         self.picked = {}
         self.conn_tokens = frozenset()
-        self.rows = []
+        self.block = b""
+        self.fields_at = 0
 
     @property
     def headers(self) -> Headers:
-        """Header fields in order, names as sent (made from ``rows`` on first use:
+        """Header fields in order, names as sent (made from ``block`` on first use:
         the proxy's own path reads ``lines`` and ``picked`` instead)."""
         headers = self._headers
         if headers is None:
-            headers = self._headers = split_rows(self.rows)
+            headers = self._headers = block_fields(self.block, self.fields_at)
         return headers
 
     def __repr__(self) -> str:
@@ -119,13 +130,14 @@ class ResponseHead:
 
     __slots__ = (
         "_headers",
+        "block",
         "conn_tokens",
         "content_length",
+        "fields_at",
         "framing",
         "keep_alive",
         "lines",
         "reason",
-        "rows",
         "status",
         "transfer_encoding",
         "version",
@@ -162,15 +174,16 @@ class ResponseHead:
         """End-to-end header lines, as in RequestHead."""
         self.conn_tokens: frozenset[bytes] = frozenset()
         """Extra field names listed in Connection, as in RequestHead."""
-        self.rows: list[bytes] = []
-        """The header section's lines as received, as in RequestHead."""
+        self.block = b""
+        """The head as received, as in RequestHead."""
+        self.fields_at = 0
 
     @property
     def headers(self) -> Headers:
-        """Header fields in order (made from ``rows`` on first use)."""
+        """Header fields in order (made from ``block`` on first use)."""
         headers = self._headers
         if headers is None:
-            headers = self._headers = split_rows(self.rows)
+            headers = self._headers = block_fields(self.block, self.fields_at)
         return headers
 
     def __repr__(self) -> str:

@@ -34,7 +34,15 @@ from typing import Final
 
 import httptools
 
-from meshlayer.proxy.codec.block import Callbacks, cut_row, head_block, native, version_at
+from meshlayer.proxy.codec.block import (
+    Callbacks,
+    cut_row,
+    line_end,
+    native,
+    scan_fields,
+    take_head,
+    version_at,
+)
 from meshlayer.proxy.codec.chunked import TOO_LARGE, ChunkedEnd
 from meshlayer.proxy.codec.errors import ProtocolError
 from meshlayer.proxy.codec.events import (
@@ -395,10 +403,24 @@ class RequestParser:
     # -- llhttp callbacks, in blocks ----------------------------------------
 
     def _block_head(self) -> None:
-        block, self._mark = head_block(self._carry, self._data, self._mark)
-        rows = block.split(b"\r\n")  # start line, fields, then "" and "" (the empty line)
-        line = rows[0]
-        rows = rows[1:-2]
+        data = self._data
+        start = self._mark
+        carry = self._carry
+        if carry or data[start] == 13 or data[start] == 10:  # begun earlier, or blank lines
+            data, self._mark = take_head(carry, data, start)
+            carry.clear()
+            start = 0
+            in_feed = False
+        else:
+            in_feed = True
+        eol = line_end(data, start)
+        line = data[start:eol]
+        lines: list[bytes] = []
+        wanted: list[bytes] = []
+        kinds = self._kinds
+        end, count = scan_fields(data, eol + 2, kinds, lines, wanted)
+        if in_feed:
+            self._mark = end
         sp = 0
         while line[sp] != 32:
             sp += 1
@@ -409,17 +431,16 @@ class RequestParser:
             target = target.lstrip(b" ")  # llhttp allows more spaces after the method
         if len(target) > MAX_TARGET:
             raise self._fail(414, "request target too long")
-        if len(rows) > self._max_headers:
+        if count > self._max_headers:
             raise self._fail(431, f"more than {self._max_headers} header fields")
-        size = self._head_bytes = len(block) - len(line) - 4
+        size = self._head_bytes = end - eol - 4
         if size > self._max_header_bytes:
             raise self._fail(431, "request header section too large")
-        version = version_at(line, len(line))
+        version = version_at(line, n)
         if version is None:
             raise self._fail(505, f"HTTP version {self._parser.get_http_version()} not supported")
         if method == b"CONNECT":
             raise self._fail(405, "CONNECT is not supported")
-        lines: list[bytes] = []
         picked: dict[bytes, bytes] = {}
         conn_tokens: frozenset[bytes] = NO_TOKENS
         hosts = 0
@@ -428,22 +449,15 @@ class RequestParser:
         te = b""
         upgrade: bytes | None = None
         expect = False
-        kinds = self._kinds
-        for row in rows:
+        for row in wanted:  # the fields whose values count (Host, framing, ...)
             i, canon = cut_row(row)
-            kind = kinds.row_kind(row, i)
-            if kind == PLAIN:
-                # forwarded as it came when usual, else rewritten as llhttp cuts values
-                lines.append(row if canon else row[:i] + b": " + row[i + 1 :].lstrip(b" \t"))
-                continue
-            name = row[:i]
+            kind = kinds.kind_at(row, 0, i)
             value = row[i + 2 :] if canon else row[i + 1 :].lstrip(b" \t")
             if kind == HOST:
-                lines.append(name + b": " + value)
                 hosts += 1
                 host = value
             elif kind == WATCHED:
-                lname = name.lower()
+                lname = row[:i].lower()
                 old = picked.get(lname)
                 picked[lname] = value if old is None else old + b", " + value
             elif kind == CLEN:
@@ -456,10 +470,8 @@ class RequestParser:
                 named = named_by_connection(value)
                 if named:
                     conn_tokens |= named
-            elif kind == EXPECT:
-                lines.append(name + b": " + value)
-                if value.lower() == b"100-continue":
-                    expect = True
+            elif kind == EXPECT and value.lower() == b"100-continue":
+                expect = True
         if hosts > 1:
             raise self._fail(400, "more than one Host header")
         if hosts == 0 and version == b"1.1":
@@ -488,7 +500,8 @@ class RequestParser:
             upgrade if upgrade is not None and p.should_upgrade() else None,
             expect,
         )
-        head.rows = rows
+        head.block = data if start == 0 and end == len(data) else data[start:end]
+        head.fields_at = eol + 2 - start
         head.lines = lines
         head.picked = picked
         head.conn_tokens = conn_tokens

@@ -26,7 +26,15 @@ from typing import Final
 
 import httptools
 
-from meshlayer.proxy.codec.block import Callbacks, cut_row, head_block, native, version_at
+from meshlayer.proxy.codec.block import (
+    Callbacks,
+    cut_row,
+    line_end,
+    native,
+    scan_fields,
+    take_head,
+    version_at,
+)
 from meshlayer.proxy.codec.chunked import TOO_LARGE, ChunkedEnd
 from meshlayer.proxy.codec.errors import ProtocolError
 from meshlayer.proxy.codec.events import (
@@ -401,14 +409,27 @@ class ResponseParser:
     def _block_head(self) -> None:
         if not self._expecting:
             raise self._fail("upstream sent a second response")
-        block, self._mark = head_block(self._carry, self._data, self._mark)
-        rows = block.split(b"\r\n")  # status line, fields, then "" and "" (the empty line)
-        line = rows[0]
-        rows = rows[1:-2]
-        size = self._head_bytes = len(block) - len(line) - 4
+        data = self._data
+        start = self._mark
+        carry = self._carry
+        if carry or data[start] == 13 or data[start] == 10:  # begun earlier, or blank lines
+            data, self._mark = take_head(carry, data, start)
+            carry.clear()
+            start = 0
+            in_feed = False
+        else:
+            in_feed = True
+        eol = line_end(data, start)
+        line = data[start:eol]
+        lines: list[bytes] = []
+        wanted: list[bytes] = []
+        end, count = scan_fields(data, eol + 2, _KINDS, lines, wanted)
+        if in_feed:
+            self._mark = end
+        size = self._head_bytes = end - eol - 4
         if size > MAX_HEADER_BYTES:
             raise self._fail("upstream header section too large")
-        if len(rows) > MAX_HEADERS:
+        if count > MAX_HEADERS:
             raise self._fail(f"upstream sent more than {MAX_HEADERS} header fields")
         p = self._parser
         # "HTTP/1.1 200 reason": the version, then three digits (llhttp checked them)
@@ -420,17 +441,12 @@ class ResponseParser:
         version = version_at(line, sp)
         if version is None:
             raise self._fail(f"upstream HTTP version {p.get_http_version()} not supported")
-        lines: list[bytes] = []
         conn_tokens: frozenset[bytes] = NO_TOKENS
         clen = -1
         te = b""
-        for row in rows:
+        for row in wanted:  # the fields whose values count (framing, Connection)
             i, canon = cut_row(row)
-            kind = _KINDS.row_kind(row, i)
-            if kind == PLAIN:
-                # forwarded as it came when usual, else rewritten as llhttp cuts values
-                lines.append(row if canon else row[:i] + b": " + row[i + 1 :].lstrip(b" \t"))
-                continue
+            kind = _KINDS.kind_at(row, 0, i)
             value = row[i + 2 :] if canon else row[i + 1 :].lstrip(b" \t")
             if kind == CLEN:
                 clen = int(value)
@@ -468,7 +484,8 @@ class ResponseParser:
             length,
             te,
         )
-        head.rows = rows
+        head.block = data if start == 0 and end == len(data) else data[start:end]
+        head.fields_at = eol + 2 - start
         head.lines = lines
         head.conn_tokens = conn_tokens
         self._events.append(head)

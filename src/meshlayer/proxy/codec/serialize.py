@@ -55,8 +55,14 @@ def named_by_connection(value: bytes) -> frozenset[bytes]:
 
 
 def without(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
-    """``lines`` minus the fields in ``names`` (lower-cased)."""
-    return [line for line in lines if line.split(b":", 1)[0].lower() not in names]
+    """``lines`` minus the fields in ``names`` (lower-cased); an item of several
+    lines joined by CRLF comes out as single lines."""
+    return [
+        row
+        for line in lines
+        for row in line.split(b"\r\n")
+        if row.split(b":", 1)[0].lower() not in names
+    ]
 
 
 CRLF: Final = b"\r\n"
