@@ -10,6 +10,13 @@ the .py files: edit, then reinstall, or the edits are not what runs. ``make``
 dependencies (mypyc type-checks against them) and again whenever a source
 changes, and stops if the build fell back to pure Python; ``make PURE=1 ...``
 runs the sources without compiling.
+
+``MESHLAYER_PGO=generate`` or ``use`` (with ``MESHLAYER_MYPYC=1``) builds the
+extensions for GCC's profile-guided optimization: instrumented, writing their
+profile under ``build/pgo`` as they run, then optimized with it. ``make`` does
+both around a short training run of the request path (``bench/hotpath.py``).
+Both passes compile in ``build/pgo`` (the profile is found by the object file's
+path) and need the same generated C: the same sources and mypyc.
 """
 
 from __future__ import annotations
@@ -57,9 +64,40 @@ def _warn(msg: str) -> None:
     print(f"meshlayer: {msg}; building pure Python", file=sys.stderr)
 
 
+PGO = os.environ.get("MESHLAYER_PGO", "")
+PGO_DIR = Path(__file__).resolve().parent / "build" / "pgo"
+
+
+def pgo_flags(mode: str) -> tuple[list[str], list[str]]:
+    """Compile and link flags for a PGO pass (``generate`` or ``use``)."""
+    if mode == "generate":
+        flag = f"-fprofile-generate={PGO_DIR}"
+        return [flag, "-fprofile-update=single"], [flag]
+    if mode == "use":
+        # Code the training did not reach (errors, the inbound side, TLS ...) is
+        # optimized as without a profile, not as cold.
+        use = [f"-fprofile-use={PGO_DIR}", "-fprofile-partial-training"]
+        # pip builds in a fresh environment each time, so mypyc's runtime sources
+        # (included by the generated C) have moved between the passes: same code.
+        quiet = ["-Wno-missing-profile", "-Wno-coverage-mismatch"]
+        return [*use, "-fprofile-correction", *quiet], []
+    raise SystemExit(f"MESHLAYER_PGO={mode!r}: expected generate or use")
+
+
 class OptionalBuildExt(build_ext):
     """All of the mypyc extensions or none: a shim without its shared library
     would fail to import instead of falling back to the .py file."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if PGO and self.extensions:
+            self.build_temp = str(PGO_DIR / "obj")  # the same object paths in both passes
+            self.force = True
+            cflags, ldflags = pgo_flags(PGO)
+            for ext in self.extensions:
+                if cflags[0] not in ext.extra_compile_args:  # finalized more than once
+                    ext.extra_compile_args = [*ext.extra_compile_args, *cflags]
+                    ext.extra_link_args = [*ext.extra_link_args, *ldflags]
 
     def run(self) -> None:
         try:
