@@ -78,6 +78,31 @@ def take_head(carry: bytearray, data: bytes, mark: int) -> tuple[bytes, int]:
     return data[mark:end], end
 
 
+def take_fields(
+    carry: bytearray,
+    data: bytes,
+    mark: int,
+    kinds: KindTable,
+    lines: list[bytes],
+    wanted: list[bytes],
+) -> tuple[bytes, bytes, int, int, int]:
+    """The head llhttp has just completed, walked: its start line, the head block,
+    where its first row starts in the block, the index in ``data`` just past the
+    head, and the number of rows; ``lines`` and ``wanted`` filled as by
+    ``scan_fields``. The head is at ``mark`` in ``data`` (the usual case), or began
+    in ``carry`` or after blank lines (``take_head``; ``carry`` is emptied)."""
+    if carry or data[mark] == 13 or data[mark] == 10:
+        block, past = take_head(carry, data, mark)
+        carry.clear()
+        eol = line_end(block, 0)
+        _, count = scan_fields(block, eol + 2, kinds, lines, wanted)
+        return block[:eol], block, eol + 2, past, count
+    eol = line_end(data, mark)
+    past, count = scan_fields(data, eol + 2, kinds, lines, wanted)
+    block = data if mark == 0 and past == len(data) else data[mark:past]
+    return data[mark:eol], block, eol + 2 - mark, past, count
+
+
 def line_end(data: bytes, pos: int) -> int:
     """The index of the CR ending the line that starts at ``pos`` (in a head llhttp
     has accepted, every line ends in CRLF and holds no other CR)."""

@@ -37,10 +37,8 @@ import httptools
 from meshlayer.proxy.codec.block import (
     Callbacks,
     cut_row,
-    line_end,
     native,
-    scan_fields,
-    take_head,
+    take_fields,
     version_at,
 )
 from meshlayer.proxy.codec.chunked import TOO_LARGE, ChunkedEnd
@@ -403,24 +401,12 @@ class RequestParser:
     # -- llhttp callbacks, in blocks ----------------------------------------
 
     def _block_head(self) -> None:
-        data = self._data
-        start = self._mark
-        carry = self._carry
-        if carry or data[start] == 13 or data[start] == 10:  # begun earlier, or blank lines
-            data, self._mark = take_head(carry, data, start)
-            carry.clear()
-            start = 0
-            in_feed = False
-        else:
-            in_feed = True
-        eol = line_end(data, start)
-        line = data[start:eol]
+        kinds = self._kinds
         lines: list[bytes] = []
         wanted: list[bytes] = []
-        kinds = self._kinds
-        end, count = scan_fields(data, eol + 2, kinds, lines, wanted)
-        if in_feed:
-            self._mark = end
+        line, block, fields_at, self._mark, count = take_fields(
+            self._carry, self._data, self._mark, kinds, lines, wanted
+        )
         sp = 0
         while line[sp] != 32:
             sp += 1
@@ -433,7 +419,7 @@ class RequestParser:
             raise self._fail(414, "request target too long")
         if count > self._max_headers:
             raise self._fail(431, f"more than {self._max_headers} header fields")
-        size = self._head_bytes = end - eol - 4
+        size = self._head_bytes = len(block) - fields_at - 2
         if size > self._max_header_bytes:
             raise self._fail(431, "request header section too large")
         version = version_at(line, n)
@@ -500,8 +486,8 @@ class RequestParser:
             upgrade if upgrade is not None and p.should_upgrade() else None,
             expect,
         )
-        head.block = data if start == 0 and end == len(data) else data[start:end]
-        head.fields_at = eol + 2 - start
+        head.block = block
+        head.fields_at = fields_at
         head.lines = lines
         head.picked = picked
         head.conn_tokens = conn_tokens

@@ -29,10 +29,8 @@ import httptools
 from meshlayer.proxy.codec.block import (
     Callbacks,
     cut_row,
-    line_end,
     native,
-    scan_fields,
-    take_head,
+    take_fields,
     version_at,
 )
 from meshlayer.proxy.codec.chunked import TOO_LARGE, ChunkedEnd
@@ -409,24 +407,12 @@ class ResponseParser:
     def _block_head(self) -> None:
         if not self._expecting:
             raise self._fail("upstream sent a second response")
-        data = self._data
-        start = self._mark
-        carry = self._carry
-        if carry or data[start] == 13 or data[start] == 10:  # begun earlier, or blank lines
-            data, self._mark = take_head(carry, data, start)
-            carry.clear()
-            start = 0
-            in_feed = False
-        else:
-            in_feed = True
-        eol = line_end(data, start)
-        line = data[start:eol]
         lines: list[bytes] = []
         wanted: list[bytes] = []
-        end, count = scan_fields(data, eol + 2, _KINDS, lines, wanted)
-        if in_feed:
-            self._mark = end
-        size = self._head_bytes = end - eol - 4
+        line, block, fields_at, self._mark, count = take_fields(
+            self._carry, self._data, self._mark, _KINDS, lines, wanted
+        )
+        size = self._head_bytes = len(block) - fields_at - 2
         if size > MAX_HEADER_BYTES:
             raise self._fail("upstream header section too large")
         if count > MAX_HEADERS:
@@ -484,8 +470,8 @@ class ResponseParser:
             length,
             te,
         )
-        head.block = data if start == 0 and end == len(data) else data[start:end]
-        head.fields_at = eol + 2 - start
+        head.block = block
+        head.fields_at = fields_at
         head.lines = lines
         head.conn_tokens = conn_tokens
         self._events.append(head)
