@@ -85,20 +85,21 @@ def take_fields(
     kinds: KindTable,
     lines: list[bytes],
     wanted: list[bytes],
+    wanted_kinds: list[int],
 ) -> tuple[bytes, bytes, int, int, int]:
     """The head llhttp has just completed, walked: its start line, the head block,
     where its first row starts in the block, the index in ``data`` just past the
-    head, and the number of rows; ``lines`` and ``wanted`` filled as by
+    head, and the number of rows; ``lines``, ``wanted`` and ``wanted_kinds`` filled as by
     ``scan_fields``. The head is at ``mark`` in ``data`` (the usual case), or began
     in ``carry`` or after blank lines (``take_head``; ``carry`` is emptied)."""
     if carry or data[mark] == 13 or data[mark] == 10:
         block, past = take_head(carry, data, mark)
         carry.clear()
         eol = line_end(block, 0)
-        _, count = scan_fields(block, eol + 2, kinds, lines, wanted)
+        _, count = scan_fields(block, eol + 2, kinds, lines, wanted, wanted_kinds)
         return block[:eol], block, eol + 2, past, count
     eol = line_end(data, mark)
-    past, count = scan_fields(data, eol + 2, kinds, lines, wanted)
+    past, count = scan_fields(data, eol + 2, kinds, lines, wanted, wanted_kinds)
     block = data if mark == 0 and past == len(data) else data[mark:past]
     return data[mark:eol], block, eol + 2 - mark, past, count
 
@@ -113,7 +114,12 @@ def line_end(data: bytes, pos: int) -> int:
 
 
 def scan_fields(
-    data: bytes, pos: int, kinds: KindTable, lines: list[bytes], wanted: list[bytes]
+    data: bytes,
+    pos: int,
+    kinds: KindTable,
+    lines: list[bytes],
+    wanted: list[bytes],
+    wanted_kinds: list[int],
 ) -> tuple[int, int]:
     """Walk the field rows of an accepted head from ``pos`` (the first row, just
     after the start line) through the empty line; return the index just past the
@@ -123,7 +129,8 @@ def scan_fields(
     (``name ": " value``) whose kind travels as it came (PLAIN, HOST, EXPECT) as one
     slice, rows joined by CRLF as received; such a row that is not canonical,
     rewritten as llhttp cuts it (``name ": " value``). ``wanted`` gets every row
-    whose value the parser needs (any kind but PLAIN and DROPPED), as received.
+    whose value the parser needs (any kind but PLAIN and DROPPED), as received, and
+    ``wanted_kinds`` its kind (the classification is not done again).
     """
     i: i64 = pos
     run: i64 = -1  # where the current run of rows travelling as received starts
@@ -159,6 +166,7 @@ def scan_fields(
             run = -1
         if kind != PLAIN and kind != DROPPED:
             wanted.append(data[start:i])
+            wanted_kinds.append(kind)
         i += 2
     if run >= 0:
         lines.append(data[run:run_end])

@@ -401,11 +401,11 @@ class RequestParser:
     # -- llhttp callbacks, in blocks ----------------------------------------
 
     def _block_head(self) -> None:
-        kinds = self._kinds
         lines: list[bytes] = []
         wanted: list[bytes] = []
+        wanted_kinds: list[int] = []
         line, block, fields_at, self._mark, count = take_fields(
-            self._carry, self._data, self._mark, kinds, lines, wanted
+            self._carry, self._data, self._mark, self._kinds, lines, wanted, wanted_kinds
         )
         sp = 0
         while line[sp] != 32:
@@ -435,9 +435,9 @@ class RequestParser:
         te = b""
         upgrade: bytes | None = None
         expect = False
-        for row in wanted:  # the fields whose values count (Host, framing, ...)
+        for j, row in enumerate(wanted):  # the fields whose values count (Host, framing, ...)
+            kind = wanted_kinds[j]
             i, canon = cut_row(row)
-            kind = kinds.kind_at(row, 0, i)
             value = row[i + 2 :] if canon else row[i + 1 :].lstrip(b" \t")
             if kind == HOST:
                 hosts += 1

@@ -409,8 +409,9 @@ class ResponseParser:
             raise self._fail("upstream sent a second response")
         lines: list[bytes] = []
         wanted: list[bytes] = []
+        wanted_kinds: list[int] = []
         line, block, fields_at, self._mark, count = take_fields(
-            self._carry, self._data, self._mark, _KINDS, lines, wanted
+            self._carry, self._data, self._mark, _KINDS, lines, wanted, wanted_kinds
         )
         size = self._head_bytes = len(block) - fields_at - 2
         if size > MAX_HEADER_BYTES:
@@ -430,9 +431,9 @@ class ResponseParser:
         conn_tokens: frozenset[bytes] = NO_TOKENS
         clen = -1
         te = b""
-        for row in wanted:  # the fields whose values count (framing, Connection)
+        for j, row in enumerate(wanted):  # the fields whose values count (framing, Connection)
+            kind = wanted_kinds[j]
             i, canon = cut_row(row)
-            kind = _KINDS.kind_at(row, 0, i)
             value = row[i + 2 :] if canon else row[i + 1 :].lstrip(b" \t")
             if kind == CLEN:
                 clen = int(value)
