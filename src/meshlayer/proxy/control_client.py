@@ -515,10 +515,8 @@ class ControlClient:
         order, and the control plane would keep the older one as this sidecar's version
         (seen once in ``make demo``: the gateway applied 10, the control plane showed 9)."""
         self._ack_next = (version, error)
-        if self._ack_task is None or self._ack_task.done():
-            task = self._ack_task = asyncio.get_running_loop().create_task(self._send_acks())
-            self._acks.add(task)
-            task.add_done_callback(self._acks.discard)
+        if self._ack_task is None or self._ack_task.done():  # _ack_task keeps it alive
+            self._ack_task = asyncio.get_running_loop().create_task(self._send_acks())
 
     async def _send_acks(self) -> None:
         while self._ack_next is not None:
